@@ -1,0 +1,3 @@
+"""The `plait` command."""
+def main() -> None:
+    print("hi")
