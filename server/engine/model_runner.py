@@ -1,0 +1,60 @@
+"""One forward pass over the flattened tokens of every scheduled sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from plait.server.engine.attention import SequenceChunk, build_attention_batch
+from plait.server.engine.kv_cache import PagedKVCache
+from plait.server.engine.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Positions [start, stop) of `request`, computed this step."""
+
+    request: Request
+    start: int
+    stop: int
+    samples: bool  # reaches the end of the sequence, so its last logits pick the next token
+
+    @classmethod
+    def next_for(cls, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed
+        return cls(request, start, start + num_new, start + num_new == request.num_tokens)
+
+    @property
+    def num_new(self) -> int:
+        return self.stop - self.start
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache: PagedKVCache, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits (float32) at the last new token of each chunk that samples, in chunk order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        seq_chunks: list[SequenceChunk] = []
+        sample_at: list[int] = []
+        for c in chunks:
+            offset = len(input_ids)
+            input_ids += c.request.tokens(c.start, c.stop)
+            positions += range(c.start, c.stop)
+            seq_chunks.append(SequenceChunk(offset, c.start, c.stop, c.request.block_ids))
+            if c.samples:
+                sample_at.append(len(input_ids) - 1)
+        attention = build_attention_batch(seq_chunks, self.kv_cache, self.device)
+        out = self.model(
+            input_ids=torch.tensor([input_ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            logits_to_keep=torch.tensor(sample_at, dtype=torch.long, device=self.device),
+            use_cache=False,
+            plait_attention=attention,
+        )
+        return out.logits[0].float()

@@ -1,0 +1,95 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Every step, running sequences go first (one token each when decoding, the next chunk when
+their prompt is still being read), then waiting ones are admitted while the step's token
+budget and the KV pool allow. Prompts are read in chunks of at most the token budget, so a
+long prompt shares its steps with the decodes instead of stalling them.
+
+When the pool runs dry the most recently admitted sequence is preempted: its blocks are
+freed and it goes back to the head of the queue, to be recomputed later. The oldest running
+sequence is never preempted, and every admitted request fits the pool alone, so each one
+finishes however long the others are.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from plait.server.engine.kv_cache import PagedKVCache
+from plait.server.engine.model_runner import ScheduledChunk
+from plait.server.engine.request import Request
+
+
+class Scheduler:
+    def __init__(self, kv_cache: PagedKVCache, max_batched_tokens: int, max_running: int):
+        self.kv_cache = kv_cache
+        self.max_batched_tokens = max_batched_tokens
+        self.max_running = max_running
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out, whether running or waiting, and give back its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._reserve(req, n):
+                if self._preempt_last(protect=req):
+                    continue  # retry the same request with the freed blocks
+                break
+            chunks.append(ScheduledChunk.next_for(req, n))
+            budget -= n
+            i += 1
+        # Only admit when nobody was left out above, so new arrivals cannot starve the running.
+        if i == len(self.running):
+            while self.waiting and budget > 0 and len(self.running) < self.max_running:
+                req = self.waiting[0]
+                n = min(req.num_tokens - req.num_computed, budget)
+                if not self._reserve(req, n):
+                    break
+                self.waiting.popleft()
+                self.running.append(req)
+                chunks.append(ScheduledChunk.next_for(req, n))
+                budget -= n
+        return chunks
+
+    def _reserve(self, req: Request, num_new: int) -> bool:
+        needed = self.kv_cache.blocks_needed(req.num_computed + num_new) - len(req.block_ids)
+        if needed <= 0:
+            return True
+        if needed > self.kv_cache.allocator.num_free:
+            return False
+        req.block_ids += self.kv_cache.allocator.allocate(needed)
+        return True
+
+    def _preempt_last(self, protect: Request) -> bool:
+        victim = self.running[-1]
+        if victim is protect:
+            return False
+        self.running.pop()
+        self._release(victim)
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+        return True
+
+    def _release(self, req: Request) -> None:
+        self.kv_cache.allocator.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed = 0
