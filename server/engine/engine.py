@@ -9,6 +9,7 @@ queue on the caller's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -58,10 +59,9 @@ class _Stream:
         self.outputs = outputs
 
     def send(self, output: RequestOutput) -> None:
-        try:
+        # A closed loop means the caller is gone and nobody is listening.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
-        except RuntimeError:  # the caller's loop has closed; nobody is listening
-            pass
 
 
 class Engine:
