@@ -1,1 +1,25 @@
-"""kernels"""
+"""Segmented-gather LoRA ops: many adapters applied to one flattened token batch.
+
+    pool = LoRAPool.create(num_slots, in_features, (q_out, k_out, v_out), max_rank, ...)
+    pool.load(slot, [A_q, A_k, A_v], [B_q, B_k, B_v], [scale_q, scale_k, scale_v])
+    batch = make_lora_batch(segment_lengths, segment_slots, device=...)   # once per step
+    add_lora(y, x, pool, batch)                                          # every layer
+
+See kernels/README.md for the layout and the kernels.
+"""
+
+from .dispatch import Backend, add_lora, interpret_requested, lora_expand, lora_shrink
+from .metadata import LoRABatch, SlotSpec, make_lora_batch
+from .pool import LoRAPool
+
+__all__ = [
+    "Backend",
+    "LoRABatch",
+    "LoRAPool",
+    "SlotSpec",
+    "add_lora",
+    "interpret_requested",
+    "lora_expand",
+    "lora_shrink",
+    "make_lora_batch",
+]

@@ -1,0 +1,346 @@
+"""The LoRA kernels (plait.kernels) against a float64 computation and the PyTorch reference.
+
+The Triton kernels run on the CPU through the Triton interpreter (the "triton" backend on
+CPU tensors; see also test_auto_backend_follows_the_environment). Every run draws fresh
+random inputs; the seed is in each failure message and PLAIT_TEST_SEED replays it.
+
+Poisoning: pool rows past each slot's rank are NaN (a kernel that reads them produces NaN),
+x rows of tokens without an adapter are NaN, and y starts random so a row the kernel
+forgot keeps its old value and misses the expected delta.
+
+Error bound: max |y - y64| / max |delta64|, where y64 = y0 + delta64 is computed in float64
+from the same (already rounded) inputs. The fp16/bf16 bounds cover the rounding of the
+low-rank activations to the pool dtype before the expand product and the final rounding
+of y; the fp32 one covers fp32 accumulation order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+from plait.kernels import LoRAPool, add_lora, lora_expand, lora_shrink, make_lora_batch, triton_ops
+from plait.kernels import dispatch as kernel_dispatch
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = list(TOLERANCE)
+BACKENDS = ["triton", "reference"]
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("PLAIT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Case:
+    """A pool filled with random adapters, and the same weights kept aside in float64."""
+
+    pool: LoRAPool
+    adapters: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]]  # slot -> per slice (A, B)
+    scales: dict[int, list[float]]
+    dtype: torch.dtype
+
+
+def make_case(
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    slot_ranks: list[tuple[int, ...]],
+    in_features: int = 48,
+    out_features: tuple[int, ...] = (40,),
+    max_rank: int = 128,
+) -> Case:
+    """slot_ranks[slot] = rank per slice (0: the adapter does not target that slice)."""
+    pool = LoRAPool.create(len(slot_ranks), in_features, out_features, max_rank, dtype=dtype)
+    pool.a.fill_(float("nan"))
+    pool.b.fill_(float("nan"))
+    adapters, scales = {}, {}
+    for slot, ranks in enumerate(slot_ranks):
+        per_slice, a_list, b_list = [], [], []
+        for r, out in zip(ranks, out_features, strict=True):
+            if r == 0:
+                per_slice.append(None)
+                a_list.append(None)
+                b_list.append(None)
+                continue
+            a = (torch.randn(r, in_features, generator=gen) / in_features**0.5).to(dtype)
+            b = (torch.randn(out, r, generator=gen) / r**0.5).to(dtype)
+            per_slice.append((a.double(), b.double()))
+            a_list.append(a)
+            b_list.append(b)
+        scales[slot] = (0.25 + 1.75 * torch.rand(len(ranks), generator=gen)).tolist()
+        pool.load(slot, a_list, b_list, scales[slot])
+        adapters[slot] = per_slice
+    return Case(pool, adapters, scales, dtype)
+
+
+def pairs_of(spec) -> list[tuple[int, float]]:
+    if isinstance(spec, int):
+        return [] if spec < 0 else [(spec, 1.0)]
+    return [(s, w) for s, w in spec if s >= 0]
+
+
+def expected_delta(case: Case, x: torch.Tensor, lengths, specs, order=None) -> torch.Tensor:
+    """The delta in float64, token by token, straight from the definition."""
+    outs = case.pool.out_features
+    delta = torch.zeros(x.shape[0], sum(outs), dtype=torch.float64)
+    rows = list(range(sum(lengths))) if order is None else list(order)
+    pos = 0
+    for length, spec in zip(lengths, specs, strict=True):
+        for t in rows[pos : pos + length]:
+            for slot, weight in pairs_of(spec):
+                col = 0
+                for s, out in enumerate(outs):
+                    ab = case.adapters[slot][s]
+                    if ab is not None:
+                        a, b = ab
+                        delta[t, col : col + out] += weight * case.scales[slot][s] * (b @ (a @ x[t].double()))
+                    col += out
+        pos += length
+    return delta
+
+
+def random_io(gen, case: Case, num_tokens: int, bare_rows) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(num_tokens, case.pool.in_features, generator=gen).to(case.dtype)
+    x[list(bare_rows)] = float("nan")  # tokens with no adapter must never be read
+    y0 = torch.randn(num_tokens, case.pool.total_out, generator=gen).to(case.dtype)
+    return x, y0
+
+
+def assert_close(y: torch.Tensor, y0: torch.Tensor, delta: torch.Tensor, dtype, gen, what="") -> None:
+    want = y0.double() + delta
+    err = ((y.double() - want).abs().max() / delta.abs().max()).item()
+    assert err <= TOLERANCE[dtype], f"{what} {dtype}: relative error {err:.3g} (seed {gen.initial_seed()})"
+
+
+def bare_rows_of(lengths, specs, order=None) -> list[int]:
+    rows = list(range(sum(lengths))) if order is None else list(order)
+    bare, pos = [], 0
+    for length, spec in zip(lengths, specs, strict=True):
+        if not pairs_of(spec):
+            bare += rows[pos : pos + length]
+        pos += length
+    return bare
+
+
+def run_and_check(gen, case, lengths, specs, backend, order=None, num_tokens=None):
+    batch = make_lora_batch(lengths, specs, token_order=order)
+    num_tokens = num_tokens or sum(lengths)
+    bare = bare_rows_of(lengths, specs, order)
+    x, y0 = random_io(gen, case, num_tokens, bare)
+    y = y0.clone()
+    add_lora(y, x, case.pool, batch, backend=backend)
+    delta = expected_delta(case, x.nan_to_num(), lengths, specs, order)
+    assert torch.equal(y[bare], y0[bare]), f"rows without an adapter changed (seed {gen.initial_seed()})"
+    assert_close(y, y0, delta, case.dtype, gen, backend)
+    return y
+
+
+# Ranks from 4 to 128, odd ones included; slot 5 is loaded but its ranks are those of slot 0.
+MIXED = [(4,), (8,), (12,), (16,), (32,), (4,), (64,), (128,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_mixed_ranks_empty_and_bare_segments(gen, dtype, backend):
+    case = make_case(gen, dtype, MIXED)
+    # A long segment over several token blocks, single-token ones, an empty one, bare ones,
+    # and slot 1 twice (its two segments become one group).
+    lengths = [70, 1, 0, 5, 3, 9, 2, 1, 4, 6]
+    specs = [7, 2, 3, -1, 1, 0, 4, -1, 1, 6]
+    run_and_check(gen, case, lengths, specs, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_one_token_per_row_interleaved_adapters(gen, dtype, backend):
+    case = make_case(gen, dtype, MIXED)
+    specs = [int(s) for s in torch.randint(-1, len(MIXED), (24,), generator=gen)]
+    run_and_check(gen, case, [1] * len(specs), specs, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_slot_weighted_rows(gen, dtype, backend):
+    case = make_case(gen, dtype, MIXED)
+    lengths = [3, 1, 4, 2, 5]
+    specs = [
+        [(0, 0.7), (7, 0.3)],
+        [(2, -1.5), (4, 0.25), (6, 1.0)],  # K = 3, a negative weight
+        5,  # a single-slot row in a K = 3 batch
+        [(3, 0.5), (-1, 9.0)],  # slot -1 inside a list contributes nothing
+        -1,
+    ]
+    run_and_check(gen, case, lengths, specs, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_slices_with_per_slice_ranks(gen, dtype, backend):
+    # q/k/v-like slices of different widths (72 spans two column blocks); slot 1 does not
+    # target the middle slice, slot 2 only the last one.
+    ranks = [(8, 8, 8), (16, 0, 12), (0, 0, 4), (128, 64, 32)]
+    case = make_case(gen, dtype, ranks, in_features=40, out_features=(72, 24, 16))
+    lengths = [6, 1, 2, 3, 4]
+    specs = [3, 0, [(1, 0.5), (2, 0.5)], 1, -1]
+    run_and_check(gen, case, lengths, specs, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_order_permutation(gen, backend):
+    case = make_case(gen, torch.float32, MIXED)
+    lengths, specs = [4, 3, 5, 2], [1, -1, 6, [(0, 0.5), (7, 2.0)]]
+    order = torch.randperm(14, generator=gen).tolist()
+    run_and_check(gen, case, lengths, specs, backend, order=order)
+    # Rows missing from the order (here 14..17) are like bare rows.
+    order = torch.randperm(18, generator=gen)[:14].tolist()
+    run_and_check(gen, case, lengths, specs, backend, order=order, num_tokens=18)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_x_and_y_views(gen, backend):
+    """x a column slice of a wider activation, y a column window of a wider output buffer."""
+    case = make_case(gen, torch.float16, MIXED, in_features=200)  # 200: two reduction tiles
+    lengths, specs = [5, 2, 3], [7, -1, [(1, 1.0), (2, 1.0)]]
+    batch = make_lora_batch(lengths, specs)
+    x_wide = torch.randn(10, 256, generator=gen).half()
+    x = x_wide[:, 16:216]
+    out = torch.randn(10, 100, generator=gen).half()
+    before = out.clone()
+    y = out[:, 30:70]
+    add_lora(y, x, case.pool, batch, backend=backend)
+    assert torch.equal(out[:, :30], before[:, :30]) and torch.equal(out[:, 70:], before[:, 70:])
+    assert_close(y, before[:, 30:70], expected_delta(case, x, lengths, specs), torch.float16, gen, backend)
+
+
+@pytest.mark.parametrize("split_k", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_and_small_tiles(gen, dtype, split_k):
+    """The decode configuration of a GPU (split reduction with atomic adds) under the interpreter."""
+    case = make_case(gen, dtype, MIXED, in_features=200)
+    lengths, specs = [1, 1, 1, 2, 1], [7, 0, -1, [(2, 0.5), (6, 0.5)], 3]
+    batch = make_lora_batch(lengths, specs)
+    x, y0 = random_io(gen, case, 6, [2])
+    y = y0.clone()
+    config = triton_ops.Config(block_m=16, shrink_block_i=32, split_k=split_k, expand_block_n=16)
+    triton_ops.add_lora(y, x, case.pool, batch, interpret=True, config=config)
+    assert_close(y, y0, expected_delta(case, x.nan_to_num(), lengths, specs), dtype, gen, f"split_k={split_k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shrink_then_expand_match_reference_and_ignore_unused_entries(gen, dtype):
+    case = make_case(gen, dtype, MIXED)
+    lengths, specs = [3, 1, 2], [[(7, 0.5), (0, 2.0)], 4, -1]
+    batch = make_lora_batch(lengths, specs)
+    x, y0 = random_io(gen, case, 6, [4, 5])
+    v = lora_shrink(x, case.pool, batch, backend="triton")
+    v_ref = lora_shrink(x, case.pool, batch, backend="reference")
+    # Compare only the entries the contract defines: k < len(pairs), r < rank.
+    valid = torch.zeros_like(v, dtype=torch.bool)
+    ranks = case.pool.ranks.tolist()
+    for g, pairs in enumerate(batch.groups):
+        lo, hi = batch.group_bounds[g], batch.group_bounds[g + 1]
+        for k, (slot, _) in enumerate(pairs):
+            valid[lo:hi, k, 0, : ranks[0][slot]] = True
+    err = ((v - v_ref)[valid].abs().max() / v_ref[valid].abs().max()).item()
+    assert err <= TOLERANCE[torch.float32], f"shrink error {err:.3g} (seed {gen.initial_seed()})"
+    # Expand must not read v past a slot's rank or for padding pairs.
+    v_poisoned = v_ref.masked_fill(~valid, float("nan"))
+    for backend in BACKENDS:
+        y = y0.clone()
+        lora_expand(y, v_poisoned, case.pool, batch, backend=backend)
+        assert_close(y, y0, expected_delta(case, x.nan_to_num(), lengths, specs), dtype, gen, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_without_adapters_leaves_y_alone(gen, backend):
+    case = make_case(gen, torch.float32, MIXED)
+    batch = make_lora_batch([3, 0, 2], [-1, 4, [(-1, 1.0)]])
+    assert batch.num_groups == 0 and batch.num_active == 0
+    x, y0 = random_io(gen, case, 5, range(5))
+    y = y0.clone()
+    add_lora(y, x, case.pool, batch, backend=backend)
+    assert torch.equal(y, y0)
+    assert lora_shrink(x, case.pool, batch, backend=backend).shape == (0, 1, 1, 128)
+
+
+def test_cleared_slot_contributes_nothing(gen):
+    case = make_case(gen, torch.float32, MIXED)
+    case.pool.clear(3)
+    batch = make_lora_batch([4], [3])
+    x, y0 = random_io(gen, case, 4, [])
+    for backend in BACKENDS:
+        y = y0.clone()
+        add_lora(y, x, case.pool, batch, backend=backend)
+        assert torch.equal(y, y0)
+
+
+def test_metadata_groups_segments_by_slot_list():
+    batch = make_lora_batch(
+        [2, 3, 0, 1, 2, 4],
+        [5, -1, 2, [(1, 0.5), (5, 1.5)], 5, [(5, 1.5), (1, 0.25), (1, 0.25)]],
+    )
+    assert batch.num_tokens == 12
+    # slot 5 (rows 0-1 and 6-7), then the 1+5 mix (rows 5 and 8-11); slot 2's segment is empty.
+    assert batch.groups == (((5, 1.0),), ((1, 0.5), (5, 1.5)))
+    assert batch.token_index.tolist() == [0, 1, 6, 7, 5, 8, 9, 10, 11]
+    assert batch.group_starts.tolist() == [0, 4, 9] and batch.group_bounds == (0, 4, 9)
+    assert batch.group_slots.tolist() == [[5, -1], [1, 5]]
+    assert batch.group_weights.tolist() == [[1.0, 0.0], [0.5, 1.5]]
+    assert batch.max_group_len == 5 and batch.slots_per_row == 2
+    single = make_lora_batch([3, 1], [0, 1])
+    assert single.slots_per_row == 1  # the single-slot kernels are compiled with K = 1
+
+
+def test_metadata_rejects_bad_input():
+    with pytest.raises(ValueError):
+        make_lora_batch([1, 2], [0])
+    with pytest.raises(ValueError):
+        make_lora_batch([-1], [0])
+    with pytest.raises(ValueError):
+        make_lora_batch([2], [0], token_order=[1, 1])
+
+
+def test_checks_shapes_and_dtypes(gen):
+    case = make_case(gen, torch.float16, [(8,)])
+    batch = make_lora_batch([2], [0])
+    x = torch.randn(2, 48).half()
+    with pytest.raises(TypeError):
+        add_lora(torch.zeros(2, 40), x.float(), case.pool, batch)
+    with pytest.raises(ValueError):
+        add_lora(torch.zeros(2, 41).half(), x, case.pool, batch)
+    with pytest.raises(ValueError):
+        add_lora(torch.zeros(1, 40).half(), x[:1], case.pool, batch)
+    with pytest.raises(ValueError):
+        case.pool.load(0, [torch.zeros(129, 48).half()], [torch.zeros(40, 129).half()], [1.0])
+    with pytest.raises(ValueError):
+        case.pool.load(0, [torch.zeros(8, 47).half()], [torch.zeros(40, 8).half()], [1.0])
+
+
+@pytest.mark.parametrize("env", ["PLAIT_TRITON_INTERPRET", "TRITON_INTERPRET"])
+def test_auto_backend_follows_the_environment(gen, monkeypatch, env):
+    case = make_case(gen, torch.float32, MIXED)
+    batch = make_lora_batch([2], [1])
+    x, y0 = random_io(gen, case, 2, [])
+    calls = []
+    real = triton_ops.add_lora
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["interpret"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ops, "add_lora", spy)
+    for name in ("PLAIT_TRITON_INTERPRET", "TRITON_INTERPRET"):
+        monkeypatch.delenv(name, raising=False)
+    y = y0.clone()
+    add_lora(y, x, case.pool, batch)  # CPU, no request: the PyTorch reference
+    assert calls == [] and not kernel_dispatch.interpret_requested()
+    monkeypatch.setenv(env, "1")
+    y_triton = y0.clone()
+    add_lora(y_triton, x, case.pool, batch)
+    assert calls == [True]
+    assert_close(y_triton, y0, expected_delta(case, x, [2], [1]), torch.float32, gen, "auto")
