@@ -74,9 +74,14 @@ class Engine:
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         num_blocks = -(-config.kv_cache_tokens // config.block_size)
         self.kv_cache = PagedKVCache(
-            mc.num_hidden_layers, num_blocks, config.block_size, mc.num_key_value_heads, head_dim,
-            dtype=model.dtype, device=device,
-        )  # fmt: skip
+            mc.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_key_value_heads,
+            head_dim,
+            dtype=model.dtype,
+            device=device,
+        )
         model_limit = getattr(mc, "max_position_embeddings", None) or self.kv_cache.capacity_tokens
         self.max_model_len = min(config.max_model_len or model_limit, model_limit, self.kv_cache.capacity_tokens)
         self.runner = ModelRunner(model, self.kv_cache, device)
@@ -112,8 +117,10 @@ class Engine:
         if not self._accepting:
             raise EngineUnavailable("the server is not accepting requests (starting up or shutting down)")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max tokens "
-                             f"exceed the context length {self.max_model_len}")  # fmt: skip
+            raise ValueError(
+                f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max tokens "
+                f"exceed the context length {self.max_model_len}"
+            )
         with self._lock:
             if self._unfinished - len(self.scheduler.running) >= self.config.max_waiting:
                 self.metrics.rejected.inc()
@@ -126,8 +133,9 @@ class Engine:
             request.generator = torch.Generator(device=self.device)
             request.generator.seed()
         outputs: asyncio.Queue = asyncio.Queue()
-        stream = _Stream(request, IncrementalDetokenizer(self.tokenizer, params.stop),
-                         asyncio.get_running_loop(), outputs)  # fmt: skip
+        stream = _Stream(
+            request, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.get_running_loop(), outputs
+        )
         self._inbox.put(("add", stream))
         return RequestHandle(self, request.request_id, outputs)
 
@@ -220,8 +228,9 @@ class Engine:
         else:
             self._finish(stream, finish, text=text, token_ids=(token.token_id,), logprobs=logprobs)
 
-    def _finish(self, stream: _Stream, reason: FinishReason, text: str = "", token_ids=(), logprobs=(),
-                error: str | None = None) -> None:  # fmt: skip
+    def _finish(
+        self, stream: _Stream, reason: FinishReason, text: str = "", token_ids=(), logprobs=(), error: str | None = None
+    ) -> None:
         req = stream.request
         req.finish_reason = reason
         self.scheduler.remove(req)
@@ -235,8 +244,11 @@ class Engine:
             self.metrics.request_latency.observe(now - req.arrival)
             if len(req.output_ids) > 1:
                 self.metrics.time_per_output_token.observe((now - req.first_token_at) / (len(req.output_ids) - 1))
-        stream.send(RequestOutput(text, tuple(token_ids), tuple(logprobs), reason,
-                                  len(req.prompt_ids), len(req.output_ids), error))  # fmt: skip
+        stream.send(
+            RequestOutput(
+                text, tuple(token_ids), tuple(logprobs), reason, len(req.prompt_ids), len(req.output_ids), error
+            )
+        )
 
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))

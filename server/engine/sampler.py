@@ -32,6 +32,7 @@ def _pick(row: torch.Tensor, params: SamplingParams, generator: torch.Generator 
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        outside[0] = False
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

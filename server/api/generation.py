@@ -1,0 +1,279 @@
+"""`/v1/chat/completions` and `/v1/completions`: prompt in, engine outputs out as OpenAI JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from plait.server.api.context import ServerContext, get_context, require_api_key
+from plait.server.api.errors import APIError, error_body
+from plait.server.api.protocol import ChatCompletionRequest, CompletionRequest
+from plait.server.engine.engine import EngineBusy, EngineUnavailable, RequestHandle
+from plait.server.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
+    model = ctx.resolve_model(body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt_ids = ctx.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except Exception as exc:  # the template itself refuses some orders of roles
+        raise APIError(
+            400, f"The messages cannot be formatted with the model's chat template: {exc}", "messages"
+        ) from None
+    handle = _submit(ctx, prompt_ids, body)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    fmt = _ChatFormat(ctx, response_id, model)
+    if body.stream:
+        return _sse(handle, request, fmt, body.include_usage)
+    return await _collect(handle, request, fmt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
+    model = ctx.resolve_model(body.model)
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+    if isinstance(prompt, str):
+        prompt_ids = ctx.tokenizer.encode(prompt)
+    else:
+        vocab = len(ctx.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"Token ids in 'prompt' must lie in [0, {vocab}).", "prompt")
+        prompt_ids = list(prompt)
+    if not prompt_ids:
+        raise APIError(400, "The prompt is empty.", "prompt")
+    handle = _submit(ctx, prompt_ids, body)
+    fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", model)
+    if body.stream:
+        return _sse(handle, request, fmt, body.include_usage)
+    return await _collect(handle, request, fmt)
+
+
+def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest):
+    limit = ctx.engine.max_model_len
+    room = limit - len(prompt_ids)
+    if room < 1:
+        raise APIError(
+            400,
+            f"The prompt is {len(prompt_ids)} tokens; this model's context length is {limit} "
+            "tokens, with at least one left to generate.",
+            "messages",
+            "context_length_exceeded",
+        )
+    max_tokens = body.token_limit
+    if max_tokens is None:
+        max_tokens = min(ctx.default_max_tokens, room)
+    elif max_tokens > room:
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(
+            400,
+            f"max tokens is too large: {max_tokens}. The prompt is {len(prompt_ids)} tokens and "
+            f"this model's context length is {limit} tokens.",
+            param,
+            "context_length_exceeded",
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_strings(),
+        top_logprobs=body.logprobs_wanted,
+    )
+    try:
+        return ctx.engine.submit(prompt_ids, params)
+    except EngineBusy as exc:
+        raise APIError(429, str(exc), code="rate_limit_exceeded") from None
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc), code="unavailable") from None
+
+
+async def _collect(handle: RequestHandle, request: Request, fmt: _Format) -> JSONResponse:
+    """Wait for the whole answer; a client that hangs up meanwhile frees its slot at once."""
+
+    async def gather() -> list[RequestOutput]:
+        async with contextlib.aclosing(handle.outputs()) as outputs:
+            return [out async for out in outputs]
+
+    async def disconnected() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    collector = asyncio.create_task(gather())
+    watcher = asyncio.create_task(disconnected())
+    await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if not collector.done():
+        collector.cancel()  # closing the output stream aborts the request in the engine
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector
+        return JSONResponse({}, status_code=499)
+    outputs = collector.result()
+    final = outputs[-1]
+    _raise_if_failed(final)
+    return JSONResponse(fmt.full(outputs))
+
+
+def _sse(handle: RequestHandle, request: Request, fmt: _Format, include_usage: bool) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        async with contextlib.aclosing(handle.outputs()) as outputs:
+            yield _event(fmt.first_chunk())
+            async for out in outputs:
+                if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                    yield _event(
+                        error_body(
+                            503 if out.finish_reason is FinishReason.ABORT else 500, out.error or "generation stopped"
+                        )
+                    )
+                    break
+                if out.text or out.logprobs or out.finish_reason:
+                    yield _event(fmt.chunk(out))
+                if out.finish_reason and include_usage:
+                    yield _event(fmt.usage_chunk(out))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _raise_if_failed(final: RequestOutput) -> None:
+    if final.finish_reason is FinishReason.ABORT:
+        raise APIError(503, final.error or "The request was aborted.", code="unavailable")
+    if final.finish_reason is FinishReason.ERROR:
+        raise APIError(500, "The server failed while generating.", code="generation_failed")
+
+
+def _usage(out: RequestOutput) -> dict:
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+    }
+
+
+class _Format:
+    """How one endpoint words its answers: the whole body, or a stream of chunks."""
+
+    object_full: str
+    object_chunk: str
+
+    def __init__(self, ctx: ServerContext, response_id: str, model: str):
+        self.token_text: Callable[[int], str] = ctx.token_text
+        self.id = response_id
+        self.model = model
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def usage_chunk(self, final: RequestOutput) -> dict:
+        return {**self._envelope(self.object_chunk, []), "usage": _usage(final)}
+
+    def full(self, outputs: list[RequestOutput]) -> dict:
+        final = outputs[-1]
+        text = "".join(o.text for o in outputs)
+        logprobs = [lp for o in outputs for lp in o.logprobs]
+        choice = self.choice(text, logprobs, final)
+        return {**self._envelope(self.object_full, [choice]), "usage": _usage(final)}
+
+    def first_chunk(self) -> dict: ...
+    def chunk(self, out: RequestOutput) -> dict: ...
+    def choice(self, text: str, logprobs: list[TokenLogprob], final: RequestOutput) -> dict: ...
+
+
+class _ChatFormat(_Format):
+    object_full = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+
+    def _logprobs(self, logprobs, wanted: bool) -> dict | None:
+        if not wanted:
+            return None
+        return {"content": [self._entry(lp) for lp in logprobs], "refusal": None}
+
+    def _entry(self, lp: TokenLogprob) -> dict:
+        token = self.token_text(lp.token_id)
+        return {
+            "token": token,
+            "logprob": lp.logprob,
+            "bytes": list(token.encode()),
+            "top_logprobs": [
+                {"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode())} for i, v in lp.top
+            ],
+        }
+
+    def first_chunk(self) -> dict:
+        delta = {"role": "assistant", "content": ""}
+        return self._envelope(
+            self.object_chunk, [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+        )
+
+    def chunk(self, out: RequestOutput) -> dict:
+        choice = {
+            "index": 0,
+            "delta": {"content": out.text} if out.text else {},
+            "logprobs": self._logprobs(out.logprobs, bool(out.logprobs)),
+            "finish_reason": out.finish_reason.value if out.finish_reason else None,
+        }
+        return self._envelope(self.object_chunk, [choice])
+
+    def choice(self, text: str, logprobs: list[TokenLogprob], final: RequestOutput) -> dict:
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": self._logprobs(logprobs, bool(logprobs)),
+            "finish_reason": final.finish_reason.value,
+        }
+
+
+class _CompletionFormat(_Format):
+    object_full = "text_completion"
+    object_chunk = "text_completion"
+
+    def _logprobs(self, logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> dict | None:
+        if not logprobs:
+            return None
+        tokens = [self.token_text(lp.token_id) for lp in logprobs]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self.token_text(i): v for i, v in lp.top} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def first_chunk(self) -> dict:
+        return self._envelope(self.object_chunk, [{"index": 0, "text": "", "logprobs": None, "finish_reason": None}])
+
+    def chunk(self, out: RequestOutput) -> dict:
+        choice = {
+            "index": 0,
+            "text": out.text,
+            "logprobs": self._logprobs(out.logprobs, 0),
+            "finish_reason": out.finish_reason.value if out.finish_reason else None,
+        }
+        return self._envelope(self.object_chunk, [choice])
+
+    def choice(self, text: str, logprobs: list[TokenLogprob], final: RequestOutput) -> dict:
+        return {
+            "index": 0,
+            "text": text,
+            "logprobs": self._logprobs(logprobs, 0),
+            "finish_reason": final.finish_reason.value,
+        }

@@ -1,0 +1,109 @@
+"""`plait serve`: load the base model, start the engine, serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+from plait.server.base_model import ModelLoadError, default_device, load_nf4_model, load_tokenizer, resolve_model
+from plait.server.engine.attention import ATTENTION_NAME
+from plait.server.engine.engine import Engine, EngineConfig
+from plait.server.metrics import Metrics
+
+log = logging.getLogger("plait.serve")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = EngineConfig()
+    p.add_argument("--model", help="local Hugging Face model folder (Llama family); default: embedded SmolLM2-135M")
+    p.add_argument("--served-model-name", help="the id clients use for the base model (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype of the NF4 layers")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PLAIT_API_KEY"),
+        help="key required for inference (or PLAIT_API_KEY); none: open",
+    )
+    p.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="size of the KV pool")
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
+    p.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
+    p.add_argument(
+        "--max-waiting", type=int, default=defaults.max_waiting, help="requests queued before new ones get 429"
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=defaults.max_batched_tokens,
+        help="tokens in one forward pass (prompts are read in chunks of this)",
+    )
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's, capped by the KV pool)")
+    p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in (
+        ("--kv-cache-tokens", args.kv_cache_tokens),
+        ("--block-size", args.block_size),
+        ("--max-running", args.max_running),
+        ("--max-batched-tokens", args.max_batched_tokens),
+    ):
+        if value < 1:
+            return _fail(f"{name} must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+        spec = resolve_model(args.model)
+        log.info("loading %s from %s on %s (NF4, %s compute)", spec.name, spec.path, device, args.dtype)
+        tokenizer = load_tokenizer(spec)
+        model = load_nf4_model(spec, device, _DTYPES[args.dtype], attn_implementation=ATTENTION_NAME)
+    except (ModelLoadError, RuntimeError) as exc:
+        return _fail(str(exc).splitlines()[0])
+
+    from plait.server.api.app import create_app
+    from plait.server.api.context import ServerContext
+
+    config = EngineConfig(
+        block_size=args.block_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_batched_tokens=args.max_batched_tokens,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        max_model_len=args.max_model_len,
+    )
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, config, device, metrics)
+    context = ServerContext(
+        engine=engine,
+        tokenizer=tokenizer,
+        model_name=args.served_model_name or spec.name,
+        metrics=metrics,
+        api_key=args.api_key,
+        default_max_tokens=args.default_max_tokens,
+    )
+    import uvicorn
+
+    log.info(
+        "serving %s on http://%s:%d (context %d tokens, KV pool %d tokens)",
+        context.model_name,
+        args.host,
+        args.port,
+        engine.max_model_len,
+        engine.kv_cache.capacity_tokens,
+    )
+    uvicorn.run(create_app(context), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"plait serve: error: {message}", flush=True)
+    return 2
