@@ -25,7 +25,7 @@ import torch
 from plait.kernels import LoRAPool, add_lora, lora_expand, lora_shrink, make_lora_batch, triton_ops
 from plait.kernels import dispatch as kernel_dispatch
 
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 DTYPES = list(TOLERANCE)
 BACKENDS = ["triton", "reference"]
 
@@ -160,6 +160,7 @@ def test_prefill_mixed_ranks_empty_and_bare_segments(gen, dtype, backend):
 def test_decode_one_token_per_row_interleaved_adapters(gen, dtype, backend):
     case = make_case(gen, dtype, MIXED)
     specs = [int(s) for s in torch.randint(-1, len(MIXED), (24,), generator=gen)]
+    specs[0] = 7  # at least one adapter, whatever the draw
     run_and_check(gen, case, [1] * len(specs), specs, backend)
 
 
