@@ -3,12 +3,12 @@
 One launch of each covers every group (adapter or adapter mix), every fused slice and
 every rank:
 
-- shrink, grid (split-K x slice x rank-block, token-block, group x pair):
+- shrink, grid (group x pair x split-K x slice x rank-block, token-block):
   v[p, k, s, r] = w_k * scale[s, slot_k] * sum_i x[row_p, i] * A[slot_k, s, r, i].
   A program whose rank block starts past its slot's rank returns at once, so a rank-8
   adapter in a launch sized for rank 128 costs one block of work, not sixteen; the last,
   partial block is masked, so odd ranks (4, 12) read no padding rows either.
-- expand, grid (slice x column-block, token-block, group):
+- expand, grid (group x slice x column-block, token-block):
   y[row_p, cols of s] += sum_k sum_{r < rank} v[p, k, s, r] * B[slot_k, col, r],
   looping over the rank only up to each slot's own rank. The K pairs of a multi-slot row
   are summed in registers and y is read and written once; K is a compile-time constant,
@@ -47,12 +47,14 @@ def _shrink_kernel(
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):  # fmt: skip
+    # Rank blocks vary fastest, so the programs that share a tile of x run together and
+    # all but the first find it in L2.
     pid_0 = tl.program_id(0)
     r_block = pid_0 % r_blocks
     slice_id = (pid_0 // r_blocks) % n_slices
-    split = pid_0 // (r_blocks * n_slices)
+    split = (pid_0 // (r_blocks * n_slices)) % SPLIT_K
+    pair = pid_0 // (r_blocks * n_slices * SPLIT_K)  # group * K + k
     pid_m = tl.program_id(1)
-    pair = tl.program_id(2)  # group * K + k
 
     slot = tl.load(group_slots_ptr + pair)
     if slot < 0:
@@ -103,18 +105,18 @@ def _shrink_kernel(
 def _expand_kernel(
     v_ptr, b_ptr, y_ptr, ranks_ptr, out_offsets_ptr,
     token_index_ptr, group_starts_ptr, group_slots_ptr,
-    num_slots, n_blocks,
+    num_slots, n_slices, n_blocks,
     stride_vp, stride_vk, stride_vs, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     pid_0 = tl.program_id(0)
-    slice_id = pid_0 // n_blocks
+    slice_id = (pid_0 // n_blocks) % n_slices
+    group = pid_0 // (n_blocks * n_slices)
     n_end = tl.load(out_offsets_ptr + slice_id + 1)
     n0 = tl.load(out_offsets_ptr + slice_id) + (pid_0 % n_blocks) * BLOCK_N
     if n0 >= n_end:
         return
-    group = tl.program_id(2)
     end = tl.load(group_starts_ptr + group + 1)
     m0 = tl.load(group_starts_ptr + group) + tl.program_id(1) * BLOCK_M
     if m0 >= end:
@@ -184,23 +186,34 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _pick(max_group_len: int, pair_count: int, n_slices: int, max_rank: int, in_features: int, sms: int) -> Config:
+def _pick(
+    max_group_len: int, groups: int, pairs: int, n_slices: int, max_rank: int, in_features: int, max_out: int,
+    sms: int,
+) -> Config:  # fmt: skip
     block_m = min(64, max(16, triton.next_power_of_2(max_group_len)))
     if sms == 0:  # interpreter: fewest, largest programs
         return Config(block_m=block_m, shrink_block_i=128)
-    # Decode has too few (token-block, adapter) tiles to fill the GPU on its own; split the
-    # reduction over in_features until there are a few programs per SM.
-    tiles = pair_count * n_slices * triton.cdiv(max_rank, 16) * triton.cdiv(max_group_len, block_m)
+    m_blocks = triton.cdiv(max_group_len, block_m)
+    # Decode has too few (token-block, adapter) tiles to keep every SM streaming weights:
+    # split the shrink's reduction over in_features, and narrow the expand's column
+    # blocks, until there are a few programs per SM.
+    enough = 4 * sms
+    shrink_tiles = pairs * n_slices * triton.cdiv(max_rank, 16) * m_blocks
     split_k = 1
-    while tiles * split_k < 4 * sms and in_features // (split_k * 2) >= 4 * 64:
+    while shrink_tiles * split_k < enough and in_features // (split_k * 2) >= 4 * 64:
         split_k *= 2
-    return Config(block_m=block_m, split_k=split_k, shrink_block_i=64 if split_k > 1 else 128)
+    block_n = 64
+    while block_n > 16 and groups * n_slices * triton.cdiv(max_out, block_n) * m_blocks < enough:
+        block_n //= 2
+    return Config(block_m=block_m, split_k=split_k, shrink_block_i=64 if split_k > 1 else 128, expand_block_n=block_n)
 
 
 def pick_config(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch, interpret: bool) -> Config:
     sms = 0 if interpret else _sm_count(x.device.index or 0)
-    pairs = batch.num_groups * batch.slots_per_row
-    return _pick(batch.max_group_len, pairs, pool.n_slices, pool.max_rank, pool.in_features, sms)
+    return _pick(
+        batch.max_group_len, batch.num_groups, batch.num_groups * batch.slots_per_row, pool.n_slices,
+        pool.max_rank, pool.in_features, max(pool.out_features), sms,
+    )  # fmt: skip
 
 
 def _dot_flags(dtype: torch.dtype, interpret: bool) -> dict[str, object]:
@@ -232,7 +245,7 @@ def shrink(
     # Each split-K program reduces over one whole number of BLOCK_I tiles of in_features.
     i_chunk = triton.cdiv(triton.cdiv(pool.in_features, config.shrink_block_i), config.split_k)
     i_chunk *= config.shrink_block_i
-    grid = (config.split_k * pool.n_slices * r_blocks, _m_blocks(batch, config), batch.num_groups * k)
+    grid = (batch.num_groups * k * config.split_k * pool.n_slices * r_blocks, _m_blocks(batch, config))
     _kernels(interpret)[0][grid](
         x, pool.a, v, pool.ranks, pool.scales,
         batch.token_index, batch.group_starts, batch.group_slots, batch.group_weights,
@@ -259,11 +272,11 @@ def expand(
         return
     config = config or pick_config(y, pool, batch, interpret)
     n_blocks = triton.cdiv(max(pool.out_features), config.expand_block_n)
-    grid = (pool.n_slices * n_blocks, _m_blocks(batch, config), batch.num_groups)
+    grid = (batch.num_groups * pool.n_slices * n_blocks, _m_blocks(batch, config))
     _kernels(interpret)[1][grid](
         v, pool.b, y, pool.ranks, pool.out_offsets,
         batch.token_index, batch.group_starts, batch.group_slots,
-        pool.num_slots, n_blocks,
+        pool.num_slots, pool.n_slices, n_blocks,
         v.stride(0), v.stride(1), v.stride(2), pool.b.stride(0), pool.b.stride(1), pool.b.stride(2),
         y.stride(0), y.stride(1),
         K=batch.slots_per_row, BLOCK_M=config.block_m, BLOCK_N=config.expand_block_n,
