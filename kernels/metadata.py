@@ -13,6 +13,8 @@ out of `token_index` altogether and cost nothing.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,11 +68,12 @@ class LoRABatch:
 
 def _pairs(spec: SlotSpec) -> Pairs:
     """Canonical pair list of one segment: slot -1 entries dropped, sorted by slot."""
-    if isinstance(spec, int):
-        return () if spec < 0 else ((spec, 1.0),)
+    if not isinstance(spec, Sequence):  # a lone slot id: int, numpy or 0-d tensor integer
+        slot = operator.index(spec)
+        return () if slot < 0 else ((slot, 1.0),)
     merged: dict[int, float] = {}
     for slot, weight in spec:
-        slot = int(slot)
+        slot = operator.index(slot)
         if slot >= 0:
             merged[slot] = merged.get(slot, 0.0) + float(weight)
     return tuple(sorted(merged.items()))
@@ -98,57 +101,41 @@ def make_lora_batch(
     lengths = [int(n) for n in segment_lengths]
     if any(n < 0 for n in lengths):
         raise ValueError("segment lengths must be >= 0")
-    total = sum(lengths)
+    starts = list(itertools.accumulate(lengths, initial=0))
+    total = starts[-1]
     if token_order is None:
-        rows = torch.arange(total, dtype=torch.int32)
+        rows: Sequence[int] = range(total)
         num_tokens = total
     else:
-        rows = torch.as_tensor(token_order, dtype=torch.int64).cpu()
-        if rows.ndim != 1 or rows.numel() != total:
+        rows = torch.as_tensor(token_order).flatten().tolist()
+        if len(rows) != total:
             raise ValueError(f"token_order must list {total} rows, one per segment token")
-        if total and (rows.min() < 0 or rows.unique().numel() != total):
+        if total and (min(rows) < 0 or len(set(rows)) != total):
             raise ValueError("token_order must hold distinct non-negative row indices")
-        num_tokens = int(rows.max()) + 1 if total else 0
-        rows = rows.to(torch.int32)
+        num_tokens = max(rows, default=-1) + 1
 
-    group_of: dict[Pairs, int] = {}
-    seg_group: list[int] = []
-    for spec, length in zip(segment_slots, lengths, strict=True):
+    # Plain Python on purpose: these lists hold at most a few thousand entries, and small
+    # torch CPU ops (repeat_interleave, ...) cost milliseconds under thread contention.
+    members: dict[Pairs, list[int]] = {}  # group -> its segments, in order
+    for i, spec in enumerate(segment_slots):
         pairs = _pairs(spec)
-        if not pairs or length == 0:
-            seg_group.append(-1)
-            continue
-        seg_group.append(group_of.setdefault(pairs, len(group_of)))
-    groups = tuple(group_of)
-
-    # Gather each group's token rows with tensor ops (no per-token Python loop): sort the
-    # segments by group, then expand each kept segment into the range of rows it covers.
-    seg_len = torch.tensor(lengths, dtype=torch.int64)
-    seg_start = torch.cumsum(seg_len, 0) - seg_len
-    seg_group_t = torch.tensor(seg_group, dtype=torch.int64)
-    kept = torch.nonzero(seg_group_t >= 0).flatten()
-    order = kept[torch.argsort(seg_group_t[kept], stable=True)]
-    lens = seg_len[order]
-    first = torch.repeat_interleave(seg_start[order] - (torch.cumsum(lens, 0) - lens), lens)
-    positions = first + torch.arange(int(lens.sum()), dtype=torch.int64)
-    token_index = rows[positions]
-
-    group_len = torch.zeros(len(groups), dtype=torch.int64).index_add_(0, seg_group_t[kept], seg_len[kept])
-    starts = torch.zeros(len(groups) + 1, dtype=torch.int64)
-    torch.cumsum(group_len, 0, out=starts[1:])
+        if pairs and lengths[i]:
+            members.setdefault(pairs, []).append(i)
+    groups = tuple(members)
+    token_index: list[int] = []
+    bounds = [0]
+    for segs in members.values():
+        for i in segs:
+            token_index.extend(rows[starts[i] : starts[i + 1]])
+        bounds.append(len(token_index))
 
     k = max((len(p) for p in groups), default=1)
-    slots = torch.full((len(groups), k), -1, dtype=torch.int32)
-    weights = torch.zeros((len(groups), k), dtype=torch.float32)
-    for g, pairs in enumerate(groups):
-        slots[g, : len(pairs)] = torch.tensor([s for s, _ in pairs], dtype=torch.int32)
-        weights[g, : len(pairs)] = torch.tensor([w for _, w in pairs], dtype=torch.float32)
-
+    padded = [pairs + ((-1, 0.0),) * (k - len(pairs)) for pairs in groups]
+    n_tok, n_grp = len(token_index), len(groups)
     # One host-to-device copy for everything: the weights ride along bit-cast to int32.
-    packed = torch.cat(
-        [token_index, starts.to(torch.int32), slots.flatten(), weights.flatten().view(torch.int32)]
-    ).to(device)
-    n_tok, n_grp = token_index.numel(), len(groups)
+    ints = torch.tensor(token_index + bounds + [s for p in padded for s, _ in p], dtype=torch.int32)
+    floats = torch.tensor([w for p in padded for _, w in p], dtype=torch.float32)
+    packed = torch.cat([ints, floats.view(torch.int32)]).to(device)
     token_index_d, starts_d, slots_d, weights_d = packed.split([n_tok, n_grp + 1, n_grp * k, n_grp * k])
     return LoRABatch(
         num_tokens=num_tokens,
@@ -157,7 +144,7 @@ def make_lora_batch(
         group_slots=slots_d.view(n_grp, k),
         group_weights=weights_d.view(torch.float32).view(n_grp, k),
         groups=groups,
-        group_bounds=tuple(starts.tolist()),
-        max_group_len=int(group_len.max()) if n_grp else 0,
+        group_bounds=tuple(bounds),
+        max_group_len=max((hi - lo for lo, hi in itertools.pairwise(bounds)), default=0),
         slots_per_row=k,
     )

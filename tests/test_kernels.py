@@ -293,8 +293,9 @@ def test_metadata_groups_segments_by_slot_list():
     assert batch.group_slots.tolist() == [[5, -1], [1, 5]]
     assert batch.group_weights.tolist() == [[1.0, 0.0], [0.5, 1.5]]
     assert batch.max_group_len == 5 and batch.slots_per_row == 2
-    single = make_lora_batch([3, 1], [0, 1])
+    single = make_lora_batch([3, 1], [torch.tensor(0), 1])  # slot ids may be tensor or numpy integers
     assert single.slots_per_row == 1  # the single-slot kernels are compiled with K = 1
+    assert single.groups == (((0, 1.0),), ((1, 1.0),)) and single.max_group_len == 3
 
 
 def test_metadata_rejects_bad_input():
