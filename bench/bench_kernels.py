@@ -184,6 +184,7 @@ def main() -> None:
               f"{'loop us':>10} {'padded us':>10} {'vs loop':>8} {'vs pad':>7} {'GB/s':>7} {'% floor':>8}")  # fmt: skip
     print(header)
     print("-" * len(header))
+    results = []  # (module, shape, loop / triton, % of floor)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     for module in modules:
@@ -214,12 +215,17 @@ def main() -> None:
             t_padded = measure(functools.partial(add_lora, y, x, padded, batch, backend="triton"))
             t_loop = measure(make_loop(y, x, pool, batch))
             moved = floor_bytes(x, pool, batch)
+            results.append((module.name, shape, t_loop / t_triton, 100 * moved / bandwidth / t_triton))
             print(f"{module.name:<9} {shape.phase:<8} {shape.tokens:>6} {shape.adapters:>8} {meta_ms:>8.2f} "
                   f"{t_triton * 1e6:>10.1f} {t_loop * 1e6:>10.1f} {t_padded * 1e6:>10.1f} "
                   f"{t_loop / t_triton:>7.2f}x {t_padded / t_triton:>6.2f}x {moved / t_triton / 1e9:>7.0f} "
                   f"{100 * moved / bandwidth / t_triton:>7.0f}%")  # fmt: skip
     print("\nvs loop / vs pad: how many times faster triton is. % floor: the bytes-moved floor time "
           "(bytes / copy bandwidth) over the triton time.")
+    decode = sorted(r[3] for r in results if r[1].phase == "decode")
+    worst = min(results, key=lambda r: r[2])
+    print(f"decode shapes: median {decode[len(decode) // 2]:.0f}% of the floor (goal 80%); "
+          f"slowest against the loop: {worst[2]:.2f}x at {worst[0]} {worst[1]} (goal >= 1)")
 
 
 if __name__ == "__main__":

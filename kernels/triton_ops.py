@@ -6,7 +6,7 @@ every rank:
 - shrink, grid (group x pair x split-K x slice x rank-block, token-block):
   v[p, k, s, r] = w_k * scale[s, slot_k] * sum_i x[row_p, i] * A[slot_k, s, r, i].
   A program whose rank block starts past its slot's rank returns at once, so a rank-8
-  adapter in a launch sized for rank 128 costs one block of work, not sixteen; the last,
+  adapter in a launch sized for rank 128 costs one block of work, not eight; the last,
   partial block is masked, so odd ranks (4, 12) read no padding rows either.
 - expand, grid (group x slice x column-block, token-block):
   y[row_p, cols of s] += sum_k sum_{r < rank} v[p, k, s, r] * B[slot_k, col, r],
@@ -169,7 +169,7 @@ def _kernels(interpret: bool) -> tuple[triton.runtime.KernelInterface, triton.ru
 
 @dataclass(frozen=True)
 class Config:
-    """Tile shapes of one launch pair. Every field must be a power of two >= 16 but split_k."""
+    """Tile shapes of one shrink/expand pair. Block sizes are powers of two >= 16 (tl.dot's minimum)."""
 
     block_m: int = 16
     shrink_block_r: int = 16
