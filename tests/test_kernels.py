@@ -137,7 +137,10 @@ def run_and_check(gen, case, lengths, specs, backend, order=None, num_tokens=Non
     delta = expected_delta(case, x.nan_to_num(), lengths, specs, order)
     assert torch.equal(y[bare], y0[bare]), f"rows without an adapter changed (seed {gen.initial_seed()})"
     assert_close(y, y0, delta, case.dtype, gen, backend)
-    return y
+    if backend != "reference":
+        y_ref = y0.clone()
+        add_lora(y_ref, x, case.pool, batch, backend="reference")
+        assert_close(y, y0, y_ref.double() - y0.double(), case.dtype, gen, f"{backend} vs reference")
 
 
 # Ranks from 4 to 128, odd ones included; slot 5 is loaded but its ranks are those of slot 0.
