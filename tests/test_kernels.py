@@ -130,7 +130,8 @@ def bare_rows_of(lengths, specs, order=None) -> list[int]:
 def run_and_check(gen, case, lengths, specs, backend, order=None, num_tokens=None):
     batch = make_lora_batch(lengths, specs, token_order=order)
     num_tokens = num_tokens or sum(lengths)
-    bare = bare_rows_of(lengths, specs, order)
+    listed = set(range(sum(lengths)) if order is None else order)
+    bare = bare_rows_of(lengths, specs, order) + [r for r in range(num_tokens) if r not in listed]
     x, y0 = random_io(gen, case, num_tokens, bare)
     y = y0.clone()
     add_lora(y, x, case.pool, batch, backend=backend)
@@ -143,7 +144,7 @@ def run_and_check(gen, case, lengths, specs, backend, order=None, num_tokens=Non
         assert_close(y, y0, y_ref.double() - y0.double(), case.dtype, gen, f"{backend} vs reference")
 
 
-# Ranks from 4 to 128, odd ones included; slot 5 is loaded but its ranks are those of slot 0.
+# One slice, ranks 4 to 128 in one pool, odd ones included; slot 5 is a second rank-4 adapter.
 MIXED = [(4,), (8,), (12,), (16,), (32,), (4,), (64,), (128,)]
 
 
