@@ -51,7 +51,10 @@ def start_server(tmp_dir: Path, *args: str) -> LiveServer:
     log_path = tmp_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--threads", "2", *args]
     log = open(log_path, "w")  # noqa: SIM115 -- lives as long as the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # cwd outside the checkout: a repo-root `kernels/` on sys.path would shadow the PyPI package.
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
@@ -86,3 +89,17 @@ def server(tmp_path_factory) -> Iterator[LiveServer]:
 @pytest.fixture(scope="session")
 def client(server: LiveServer) -> openai.OpenAI:
     return server.client(max_retries=0)
+
+
+@pytest.fixture
+def launch_server(tmp_path):
+    """Start a server with extra flags for one test; it is stopped when the test ends."""
+    started: list[LiveServer] = []
+
+    def launch(*args: str) -> LiveServer:
+        started.append(start_server(tmp_path, *args))
+        return started[-1]
+
+    yield launch
+    for s in started:
+        stop_server(s)

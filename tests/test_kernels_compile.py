@@ -45,9 +45,7 @@ def dot_flags(io: str) -> dict:
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize(
-    ("io", "k", "split_k"), [("bf16", 1, 1), ("fp16", 2, 4), ("fp32", 3, 1)]
-)
+@pytest.mark.parametrize(("io", "k", "split_k"), [("bf16", 1, 1), ("fp16", 2, 4), ("fp32", 3, 1)])
 def test_kernels_compile_to_cubin(tmp_path, monkeypatch, capability, io, k, split_k):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")

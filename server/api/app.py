@@ -15,6 +15,26 @@ from prometheus_client import CONTENT_TYPE_LATEST
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+class BodySizeLimit:
+    """Refuses bodies declared larger than the limit before reading them.
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects
+    from the routes, and they need them to free a departed client's slot.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = error_response(413, f"The request body is larger than {self.max_bytes} bytes.")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -27,13 +47,7 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     app.state.context = context
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
-        return await call_next(request)
-
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
     app.include_router(generation.router)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])

@@ -124,7 +124,7 @@ class Engine:
         with self._lock:
             if self._unfinished - len(self.scheduler.running) >= self.config.max_waiting:
                 self.metrics.rejected.inc()
-                raise EngineBusy(f"too many requests waiting ({self.config.max_waiting}); retry later")
+                raise EngineBusy(f"Too many requests are waiting (limit {self.config.max_waiting}); retry later.")
             self._unfinished += 1
         request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params)
         if params.seed is not None:
@@ -160,7 +160,9 @@ class Engine:
             self._read_inbox(block=not self.scheduler.has_work())
             if self._stopping:
                 break
+            preempted_before = self.scheduler.num_preemptions
             chunks = self.scheduler.schedule()
+            self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted_before)
             if chunks:
                 self._step(chunks)
             self._update_gauges()
@@ -186,7 +188,6 @@ class Engine:
                 self._finish(stream, FinishReason.ABORT)
 
     def _step(self, chunks: list[ScheduledChunk]) -> None:
-        preempted_before = self.scheduler.num_preemptions
         self.metrics.batch_tokens.observe(sum(c.num_new for c in chunks))
         try:
             logits = self.runner.run(chunks)
@@ -200,7 +201,6 @@ class Engine:
             c.request.num_computed = c.stop
             if c.samples:
                 sampling.append(c.request)
-        self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted_before)
         for req, token in zip(sampling, sample(logits, sampling), strict=True):
             self._accept_token(self._streams[req.request_id], token)
 
