@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 
 import torch
 from plait.server.base_model import ModelLoadError, default_device, load_nf4_model, load_tokenizer, resolve_model
@@ -13,6 +15,8 @@ from plait.server.engine.engine import Engine, EngineConfig
 from plait.server.metrics import Metrics
 
 log = logging.getLogger("plait.serve")
+
+DRAIN_SECONDS = 30.0  # how long in-flight requests may take to finish on shutdown
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -44,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, capped by the KV pool)")
     p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -58,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             return _fail(f"{name} must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device) if args.device else default_device()
         spec = resolve_model(args.model)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         log.info("loading %s from %s on %s (NF4, %s compute)", spec.name, spec.path, device, args.dtype)
         tokenizer = load_tokenizer(spec)
         model = load_nf4_model(spec, device, _DTYPES[args.dtype], attn_implementation=ATTENTION_NAME)
@@ -90,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         default_max_tokens=args.default_max_tokens,
     )
-    import uvicorn
 
     log.info(
         "serving %s on http://%s:%d (context %d tokens, KV pool %d tokens)",
@@ -100,7 +103,32 @@ def run(args: argparse.Namespace) -> int:
         engine.max_model_len,
         engine.kv_cache.capacity_tokens,
     )
-    uvicorn.run(create_app(context), host=args.host, port=args.port, log_level=args.log_level)
+    return serve_http(create_app(context, DRAIN_SECONDS), engine, args)
+
+
+def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:
+    """uvicorn on a thread of its own, the engine on the main thread (see `Engine`)."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                       timeout_graceful_shutdown=DRAIN_SECONDS)
+    )  # fmt: skip
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:  # also when the port cannot be bound: the engine must not outlive the server
+            engine.shutdown(drain_seconds=0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    http = threading.Thread(target=run_http, name="plait-http")
+    http.start()
+    engine.run()
+    http.join()
+    if not server.started:
+        return _fail(f"could not listen on {args.host}:{args.port}")
     return 0
 
 

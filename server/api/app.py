@@ -36,9 +36,10 @@ class BodySizeLimit:
 
 
 def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
+    """The HTTP side; the caller runs `context.engine.run()` (see `plait.server.serve`)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        context.engine.start()
         yield
         # Finish what is in flight before the process goes; new requests get 503 meanwhile.
         await asyncio.to_thread(context.engine.shutdown, drain_seconds)

@@ -90,6 +90,7 @@ def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionReque
         seed=body.seed,
         stop=body.stop_strings(),
         top_logprobs=body.logprobs_wanted,
+        ignore_eos=body.ignore_eos,
     )
     try:
         return ctx.engine.submit(prompt_ids, params)

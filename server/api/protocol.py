@@ -51,6 +51,8 @@ class _Sampling(_Body):
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     user: str | None = None
+    # Extension (as in vLLM): keep generating past end-of-sequence until max_tokens.
+    ignore_eos: bool = False
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

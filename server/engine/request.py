@@ -17,6 +17,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,163 @@
+"""Aggregate decode throughput of `plait serve` at 1, 4 and 16 concurrent requests, side by
+side with transformers' own batched `generate` on the same NF4 model and the same prompts.
+
+    python bench/bench_serving.py [--model PATH] [--max-tokens 64] [--concurrency 1 4 16]
+
+Plait is driven over HTTP with the official OpenAI client, as a user would; `generate` runs
+in this process after the server has stopped, so the two never share the CPU. Every request
+produces exactly --max-tokens tokens (ignore_eos / min_new_tokens) so the counts compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import torch
+
+PROMPTS = [
+    "Explain how a bicycle stays upright.",
+    "Write a short poem about autumn leaves.",
+    "What are the main causes of ocean tides?",
+    "Describe the water cycle for a ten-year-old.",
+    "Give three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Summarize the plot of a heist movie you invent.",
+    "How does a refrigerator keep food cold?",
+    "List some uses of baking soda around the house.",
+    "What makes a good cup of coffee?",
+    "Explain what a prime number is.",
+    "Describe a walk through a rainy city at night.",
+    "How do bees make honey?",
+    "What should I pack for a weekend hiking trip?",
+    "Explain the difference between weather and climate.",
+    "Tell me about the history of paper.",
+]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir())
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit("server did not start")
+
+
+def plait_throughput(url: str, concurrency: int, max_tokens: int) -> float:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+
+    def ask(prompt: str) -> int:
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return r.usage.completion_tokens
+
+    prompts = PROMPTS[:concurrency]
+    with ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        tokens = sum(pool.map(ask, prompts))
+        elapsed = time.perf_counter() - start
+    assert tokens == concurrency * max_tokens, tokens
+    return tokens / elapsed
+
+
+def generate_throughput(model, tokenizer, concurrency: int, max_tokens: int) -> float:
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in PROMPTS[:concurrency]
+    ]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    start = time.perf_counter()
+    out = model.generate(
+        **batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    tokens = (out.shape[1] - batch["input_ids"].shape[1]) * concurrency
+    return tokens / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--threads", type=int, help="torch CPU threads for both sides")
+    args = p.parse_args()
+    if max(args.concurrency) > len(PROMPTS):
+        sys.exit(f"at most {len(PROMPTS)} concurrent requests")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"machine: {machine()}")
+    proc, url = start_server(args)
+    try:
+        plait_throughput(url, 2, 8)  # warm-up
+        plait = {c: plait_throughput(url, c, args.max_tokens) for c in args.concurrency}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    from plait.server.base_model import default_device, load_nf4_model, load_tokenizer, resolve_model
+
+    spec = resolve_model(args.model)
+    tokenizer = load_tokenizer(spec)
+    tokenizer.padding_side = "left"
+    model = load_nf4_model(spec, default_device())
+    generate_throughput(model, tokenizer, 2, 8)  # warm-up
+    hf = {c: generate_throughput(model, tokenizer, c, args.max_tokens) for c in args.concurrency}
+
+    base = plait[args.concurrency[0]]
+    print(f"\nmodel: {spec.name} (NF4), {args.max_tokens} new tokens per request, greedy\n")
+    print(f"{'concurrent':>10} {'plait tok/s':>12} {'generate tok/s':>15} {'plait/generate':>15} {'plait vs 1':>11}")
+    for c in args.concurrency:
+        print(f"{c:>10} {plait[c]:>12.1f} {hf[c]:>15.1f} {plait[c] / hf[c]:>15.2f} {plait[c] / base:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
