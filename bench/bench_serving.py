@@ -4,8 +4,10 @@ side with transformers' own batched `generate` on the same NF4 model and the sam
     python bench/bench_serving.py [--model PATH] [--max-tokens 64] [--concurrency 1 4 16]
 
 Plait is driven over HTTP with the official OpenAI client, as a user would; `generate` runs
-in this process after the server has stopped, so the two never share the CPU. Every request
-produces exactly --max-tokens tokens (ignore_eos / min_new_tokens) so the counts compare.
+in this process while the server sits idle, so the two never compute at once. Each round
+measures every concurrency on both sides in turn, and the medians over rounds are reported,
+so drifts in the machine's speed hit both alike. Every request produces exactly --max-tokens
+tokens (ignore_eos / min_new_tokens) so the counts compare.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +131,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--threads", type=int, help="torch CPU threads for both sides")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if max(args.concurrency) > len(PROMPTS):
         sys.exit(f"at most {len(PROMPTS)} concurrent requests")
@@ -135,28 +139,35 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"machine: {machine()}")
-    proc, url = start_server(args)
-    try:
-        plait_throughput(url, 2, 8)  # warm-up
-        plait = {c: plait_throughput(url, c, args.max_tokens) for c in args.concurrency}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
     from plait.server.base_model import default_device, load_nf4_model, load_tokenizer, resolve_model
 
     spec = resolve_model(args.model)
     tokenizer = load_tokenizer(spec)
     tokenizer.padding_side = "left"
     model = load_nf4_model(spec, default_device())
-    generate_throughput(model, tokenizer, 2, 8)  # warm-up
-    hf = {c: generate_throughput(model, tokenizer, c, args.max_tokens) for c in args.concurrency}
+    proc, url = start_server(args)
+    plait: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    hf: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    try:
+        plait_throughput(url, 2, 8)  # warm-up
+        generate_throughput(model, tokenizer, 2, 8)
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                plait[c].append(plait_throughput(url, c, args.max_tokens))
+                hf[c].append(generate_throughput(model, tokenizer, c, args.max_tokens))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
-    base = plait[args.concurrency[0]]
-    print(f"\nmodel: {spec.name} (NF4), {args.max_tokens} new tokens per request, greedy\n")
+    med = {c: statistics.median(v) for c, v in plait.items()}
+    med_hf = {c: statistics.median(v) for c, v in hf.items()}
+    base = med[args.concurrency[0]]
+    print(f"\nmodel: {spec.name} (NF4), {args.max_tokens} new tokens per request, greedy, "
+          f"median of {args.rounds} rounds\n")  # fmt: skip
     print(f"{'concurrent':>10} {'plait tok/s':>12} {'generate tok/s':>15} {'plait/generate':>15} {'plait vs 1':>11}")
     for c in args.concurrency:
-        print(f"{c:>10} {plait[c]:>12.1f} {hf[c]:>15.1f} {plait[c] / hf[c]:>15.2f} {plait[c] / base:>10.2f}x")
+        print(f"{c:>10} {med[c]:>12.1f} {med_hf[c]:>15.1f} {med[c] / med_hf[c]:>15.2f} {med[c] / base:>10.2f}x")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionReque
         ignore_eos=body.ignore_eos,
     )
     try:
-        return ctx.engine.submit(prompt_ids, params)
+        return ctx.engine.submit(prompt_ids, params, streaming=body.stream)
     except EngineBusy as exc:
         raise APIError(429, str(exc), code="rate_limit_exceeded") from None
     except EngineUnavailable as exc:

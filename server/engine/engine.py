@@ -53,15 +53,27 @@ class EngineUnavailable(Exception):
 
 
 class _Stream:
-    """Engine-side bookkeeping of one request and the way back to its caller."""
+    """Engine-side bookkeeping of one request and the way back to its caller.
 
-    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer, loop, outputs: asyncio.Queue):
+    A streaming caller gets every step's output; any other caller only the finished whole,
+    so it is woken once per request rather than once per token.
+    """
+
+    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer, loop, outputs: asyncio.Queue,
+                 streaming: bool):  # fmt: skip
         self.request = request
         self.detokenizer = detokenizer
         self.loop = loop
         self.outputs = outputs
+        self.streaming = streaming
+        self.held: list[RequestOutput] = []
 
-    def send(self, output: RequestOutput) -> None:
+    def emit(self, output: RequestOutput) -> None:
+        if not self.streaming and output.finish_reason is None:
+            self.held.append(output)
+            return
+        if self.held:
+            output, self.held = RequestOutput.joined([*self.held, output]), []
         # A closed loop means the caller is gone and nobody is listening.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
@@ -115,8 +127,11 @@ class Engine:
     def num_unfinished(self) -> int:
         return self._unfinished
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queue a request. Raises EngineBusy past the waiting bound, EngineUnavailable when closed."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, streaming: bool = False) -> RequestHandle:
+        """Queue a request. Raises EngineBusy past the waiting bound, EngineUnavailable when closed.
+
+        A streaming request's handle yields an output per step; any other's, the whole at the end.
+        """
         if not self._accepting:
             raise EngineUnavailable("the server is not accepting requests (starting up or shutting down)")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -137,7 +152,7 @@ class Engine:
             request.generator.seed()
         outputs: asyncio.Queue = asyncio.Queue()
         stream = _Stream(
-            request, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.get_running_loop(), outputs
+            request, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.get_running_loop(), outputs, streaming
         )
         self._inbox.put(("add", stream))
         return RequestHandle(self, request.request_id, outputs)
@@ -225,7 +240,7 @@ class Engine:
                 text += stream.detokenizer.flush()
         logprobs = (token,) if req.params.top_logprobs is not None else ()
         if finish is None:
-            stream.send(RequestOutput(text, (token.token_id,), logprobs))
+            stream.emit(RequestOutput(text, (token.token_id,), logprobs))
         else:
             self._finish(stream, finish, text=text, token_ids=(token.token_id,), logprobs=logprobs)
 
@@ -245,7 +260,7 @@ class Engine:
             self.metrics.request_latency.observe(now - req.arrival)
             if len(req.output_ids) > 1:
                 self.metrics.time_per_output_token.observe((now - req.first_token_at) / (len(req.output_ids) - 1))
-        stream.send(
+        stream.emit(
             RequestOutput(
                 text, tuple(token_ids), tuple(logprobs), reason, len(req.prompt_ids), len(req.output_ids), error
             )

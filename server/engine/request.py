@@ -50,6 +50,20 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
 
+    @classmethod
+    def joined(cls, outputs: list[RequestOutput]) -> RequestOutput:
+        """Several outputs of one request as one; how it ended comes from the last."""
+        last = outputs[-1]
+        return cls(
+            "".join(o.text for o in outputs),
+            tuple(t for o in outputs for t in o.token_ids),
+            tuple(lp for o in outputs for lp in o.logprobs),
+            last.finish_reason,
+            last.prompt_tokens,
+            last.completion_tokens,
+            last.error,
+        )
+
 
 @dataclass(eq=False)
 class Request:
