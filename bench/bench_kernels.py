@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from plait.kernels import LoRABatch, LoRAPool, add_lora, make_lora_batch
 
 RANKS = (8, 16, 32, 64, 128)

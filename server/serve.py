@@ -9,6 +9,7 @@ import signal
 import threading
 
 import torch
+
 from plait.server.base_model import ModelLoadError, default_device, load_nf4_model, load_tokenizer, resolve_model
 from plait.server.engine.attention import ATTENTION_NAME
 from plait.server.engine.engine import Engine, EngineConfig

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from plait.server.base_model import resolve_model
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
 from plait.server.engine.request import Request, SamplingParams
 from plait.server.engine.scheduler import Scheduler
-from transformers import AutoTokenizer
 
 
 def test_block_allocator_hands_out_each_block_once():

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from plait.kernels import LoRAPool, add_lora, lora_expand, lora_shrink, make_lora_batch, triton_ops
 from plait.kernels import dispatch as kernel_dispatch
 

@@ -7,10 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from plait.server.api import generation
 from plait.server.api.context import ServerContext, get_context, require_api_key
 from plait.server.api.errors import error_response, install_error_handlers
-from prometheus_client import CONTENT_TYPE_LATEST
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
+
 from plait.server.api.errors import APIError
 from plait.server.engine.engine import Engine
 from plait.server.metrics import Metrics

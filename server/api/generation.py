@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
 from plait.server.api.context import ServerContext, get_context, require_api_key
 from plait.server.api.errors import APIError, error_body
 from plait.server.api.protocol import ChatCompletionRequest, CompletionRequest

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from plait.server.engine.kv_cache import PagedKVCache
 from transformers import AttentionInterface
+
+from plait.server.engine.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "plait_paged"
 

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
+
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.model_runner import ModelRunner, ScheduledChunk

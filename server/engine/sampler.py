@@ -7,6 +7,7 @@ as OpenAI does, so they mean the same whatever the sampling settings.
 from __future__ import annotations
 
 import torch
+
 from plait.server.engine.request import Request, SamplingParams, TokenLogprob
 
 
