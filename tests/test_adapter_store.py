@@ -96,9 +96,11 @@ def test_readers_never_see_a_mix_of_versions(tmp_path):
     store.put("a", versions[0], validate)
     done = threading.Event()
     problems: list[str] = []
+    reads = []
 
     def read_continuously():
         while not done.is_set():
+            reads.append(1)
             stored = store.get("a")
             try:
                 files = read_files(stored.path)
@@ -116,6 +118,7 @@ def test_readers_never_see_a_mix_of_versions(tmp_path):
     done.set()
     reader.join()
     assert problems == []
+    assert len(reads) > 1
 
 
 def test_failed_validation_leaves_nothing(tmp_path):

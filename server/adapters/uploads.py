@@ -35,7 +35,18 @@ MAX_ARCHIVE_MEMBERS = 1000
 # A tar stream is its members plus a 512-byte header and padding for each, and an end record.
 _TAR_OVERHEAD_BYTES = MAX_ARCHIVE_MEMBERS * 1024 + 20 * 1024
 _CHUNK = 2**20
-_UNREADABLE = (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+# What reading a damaged archive raises; zipfile adds RuntimeError for an encrypted member and
+# NotImplementedError for an unknown compression method.
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    zlib.error,
+    lzma.LZMAError,
+    RuntimeError,
+    NotImplementedError,
+)
 
 
 def check_files(files: Mapping[str, bytes], max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, bytes]:
@@ -68,7 +79,7 @@ def files_from_archive(archive: BinaryIO, max_bytes: int = MAX_ADAPTER_BYTES) ->
         stream = _Limited(_decompressed(archive), max_bytes + _TAR_OVERHEAD_BYTES)
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             return _collect(_tar_members(tar), max_bytes)
-    except (*_UNREADABLE, RuntimeError, NotImplementedError) as exc:  # zipfile: encrypted, unknown compression
+    except _UNREADABLE as exc:
         raise AdapterFormatError(f"the upload is not a readable zip or tar archive: {exc}") from None
 
 
