@@ -1,0 +1,130 @@
+"""The training loop: micro-batches, gradient accumulation, schedule, evaluation, checkpoints.
+
+A plain loop rather than transformers' Trainer, so that the loss normalisation, the data
+order and what a checkpoint holds are all visible here and exactly reproducible on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from plait.trainer.batching import collate, plan_steps
+from plait.trainer.checkpoint import load_checkpoint, save_checkpoint
+from plait.trainer.config import TrainConfig
+from plait.trainer.masking import TokenizedExample
+from plait.trainer.model import loss_sum, trainable_parameters
+from plait.trainer.schedule import learning_rate, warmup_steps
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint and summed over resumed segments."""
+
+    step: int = 0
+    total_steps: int = 0
+    epochs: float = 0.0  # passes over the training set completed, fractional within an epoch
+    tokens: int = 0  # real tokens through the model (padding excluded)
+    target_tokens: int = 0  # tokens the loss was taken on
+    seconds: float = 0.0  # time in the loop, model loading excluded
+    train_loss: list[list[float]] = field(default_factory=list)  # [step, mean loss of that step]
+    eval_loss: list[list[float]] = field(default_factory=list)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
+    """Paged 8-bit AdamW on CUDA (QLoRA's choice: optimizer memory paged out under pressure), AdamW elsewhere."""
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train(
+    model,
+    train_set: list[TokenizedExample],
+    eval_set: list[TokenizedExample],
+    config: TrainConfig,
+    device: torch.device,
+    pad_id: int,
+    run_dir: Path,
+    settings: dict,
+    resume_from: Path | None = None,
+) -> Progress:
+    """Train `model`'s adapters in place; checkpoints go to run_dir/checkpoints with `settings` in them."""
+    c = config
+    plan = plan_steps(len(train_set), c.batch_size, c.grad_accum, c.epochs, c.max_steps, c.seed)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
+    warmup = warmup_steps(len(plan), config.warmup_ratio, config.warmup_steps)
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, config, device)
+    progress = Progress(total_steps=len(plan))
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer)
+        progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
+
+    model.train()
+    bar = tqdm(total=len(plan), initial=progress.step, desc="plait train", unit="step", dynamic_ncols=True)
+    segment_start, segment_tokens = time.perf_counter(), 0
+    for index in range(progress.step, len(plan)):
+        step_started = time.perf_counter()
+        lr = learning_rate(index, len(plan), warmup, config.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [collate([train_set[i] for i in micro], pad_id) for micro in plan[index].micro_batches]
+        # Every target token of the step weighs the same, however the tokens fall into
+        # micro-batches: each micro-batch's summed loss is divided by the step's total.
+        step_targets = sum(b.targets for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            loss = loss_sum(model, batch.to(device))
+            (loss / step_targets).backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_tokens = sum(b.tokens for b in batches)
+        progress.step = index + 1
+        progress.epochs = progress.step / steps_per_epoch
+        progress.tokens += step_tokens
+        progress.target_tokens += step_targets
+        progress.seconds += time.perf_counter() - step_started
+        progress.train_loss.append([progress.step, step_loss / step_targets])
+        segment_tokens += step_tokens
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{step_loss / step_targets:.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{segment_tokens / (time.perf_counter() - segment_start):.0f}",
+        )
+
+        last = progress.step == len(plan)
+        if eval_set and (last or (config.eval_every and progress.step % config.eval_every == 0)):
+            eval_loss = evaluate(model, eval_set, config.batch_size, pad_id, device)
+            progress.eval_loss.append([progress.step, eval_loss])
+            bar.write(f"step {progress.step}: eval loss {eval_loss:.4f}")
+        if config.save_every and progress.step % config.save_every == 0 and not last:
+            save_checkpoint(run_dir, progress.step, model, optimizer,
+                            {**dataclasses.asdict(progress), "settings": settings})  # fmt: skip
+    bar.close()
+    return progress
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device) -> float:
+    """Mean loss per target token over the whole set, with dropout off."""
+    model.eval()
+    total, targets = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        total += loss_sum(model, batch.to(device)).item()
+        targets += batch.targets
+    model.train()
+    return total / targets

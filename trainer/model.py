@@ -1,0 +1,101 @@
+"""The model being trained: the server's NF4 base with LoRA adapters from PEFT, and its loss.
+
+Dtypes, chosen on purpose (see DESIGN.md, "QLoRA memory and dtypes"):
+- the base is loaded by the server's own loader (same NF4 + double-quant config), so the
+  adapter is trained against exactly the weights it will be served on;
+- its non-4-bit weights (embeddings, norms, lm_head) stay frozen in the compute dtype; PEFT's
+  `prepare_model_for_kbit_training` would cast them to fp32, doubling their memory for no gain
+  since they get no gradient;
+- the LoRA A/B matrices are fp32 (PEFT's autocast_adapter_dtype): tiny next to the base, and
+  fp32 master weights keep AdamW's small updates from vanishing in bf16 rounding. They are
+  saved in fp32 too, so the served adapter is exactly the trained one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from plait.server.base_model import BaseModelSpec, load_nf4_model
+from plait.trainer.batching import Batch
+from plait.trainer.masking import IGNORE_INDEX
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]  # module names, or ("all-linear",)
+    use_rslora: bool
+
+
+def compute_dtype(device: torch.device, requested: str) -> torch.dtype:
+    """bf16 wherever the hardware runs it (as the server computes by default), else fp32."""
+    if requested == "float32":
+        return torch.float32
+    if requested == "bfloat16" or device.type != "cuda" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # pre-Ampere GPUs: fp16 would need loss scaling, fp32 is exact
+
+
+def load_for_training(
+    spec: BaseModelSpec, device: torch.device, dtype: torch.dtype, lora: LoraSettings, gradient_checkpointing: bool
+):
+    """The NF4 base wrapped by PEFT with fresh trainable LoRA adapters (initialised from torch's RNG)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_nf4_model(spec, device, dtype)
+    model.config.use_cache = False  # no generation while training; the KV cache only costs memory
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no requires_grad on the inputs (the reentrant kind
+        # would, which is half of what prepare_model_for_kbit_training is for).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    target = lora.target_modules[0] if lora.target_modules == ("all-linear",) else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    except ValueError as exc:  # e.g. a target module the model does not have
+        raise ValueError(str(exc).splitlines()[0]) from None
+    peft_model.train()
+    return peft_model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def loss_sum(model, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (fp32).
+
+    The decoder runs on every token, but the vocabulary projection only on positions that
+    predict a trained token: with a 49k vocabulary that head is a fifth of a small model's
+    compute, and the logits of prompt tokens would be thrown away by the mask anyway.
+    """
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def write_adapter(model, folder: Path) -> None:
+    """The adapter in PEFT's own format: adapter_config.json + adapter_model.safetensors."""
+    model.save_pretrained(folder, safe_serialization=True)
+    # PEFT also writes a model card template naming a hub repo that does not exist; the
+    # training report is this adapter's card.
+    (folder / "README.md").unlink(missing_ok=True)
