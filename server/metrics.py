@@ -41,5 +41,30 @@ class Metrics:
             registry=r,
         )
 
+        self.adapter_loads = Counter(
+            "plait_adapter_loads", "Adapters copied into a device slot", ["adapter"], registry=r
+        )
+        self.adapter_evictions = Counter(
+            "plait_adapter_evictions", "Adapters evicted from a device slot", ["adapter"], registry=r
+        )
+        self.adapters_resident = Gauge("plait_adapters_resident", "Adapters in device slots", registry=r)
+        self.running_by_adapter = Gauge(
+            "plait_adapter_requests_running", "Running requests by adapter", ["adapter"], registry=r
+        )
+        self.waiting_by_adapter = Gauge(
+            "plait_adapter_requests_waiting", "Waiting requests by adapter", ["adapter"], registry=r
+        )
+
+    def set_requests_by_adapter(self, running, waiting) -> None:
+        """Running and waiting counts per adapter id, from each request's (adapter key, weight) pairs."""
+        for gauge, requests in ((self.running_by_adapter, running), (self.waiting_by_adapter, waiting)):
+            counts: dict[str, int] = {}
+            for pairs in requests:
+                for key, _ in pairs:
+                    counts[key.adapter_id] = counts.get(key.adapter_id, 0) + 1
+            gauge.clear()
+            for adapter_id, n in counts.items():
+                gauge.labels(adapter_id).set(n)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

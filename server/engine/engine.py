@@ -19,13 +19,15 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
 
+from plait.server.engine.adapter_slots import AdapterKey, AdapterSlots
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import PagedKVCache
+from plait.server.engine.lora import LoRALayers
 from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
 from plait.server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
 from plait.server.engine.sampler import sample
@@ -43,6 +45,17 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 256
     max_model_len: int | None = None  # default: the model's own limit, capped by the KV pool
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """How the engine serves adapters: device slots, CPU cache, and where adapters come from."""
+
+    targets: dict[str, tuple[int, int]]  # module path -> (in, out) of every LoRA-capable linear layer
+    load: Callable[[AdapterKey], object]  # reads an adapter (with .modules) from the store
+    max_device_adapters: int = 8
+    max_cpu_adapters: int = 32
+    max_rank: int = 64
 
 
 class EngineBusy(Exception):
@@ -81,7 +94,15 @@ class _Stream:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig, device: torch.device, metrics: Metrics):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EngineConfig,
+        device: torch.device,
+        metrics: Metrics,
+        lora: LoRAConfig | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
@@ -100,8 +121,18 @@ class Engine:
         )
         model_limit = getattr(mc, "max_position_embeddings", None) or self.kv_cache.capacity_tokens
         self.max_model_len = min(config.max_model_len or model_limit, model_limit, self.kv_cache.capacity_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, device)
-        self.scheduler = Scheduler(self.kv_cache, config.max_batched_tokens, config.max_running)
+        self.adapter_slots: AdapterSlots | None = None
+        layers = None
+        if lora is not None:
+            layers = LoRALayers(model, lora.targets, lora.max_device_adapters, lora.max_rank, model.dtype, device)
+            self.adapter_slots = AdapterSlots(
+                layers, lora.max_cpu_adapters, lora.load, wake=lambda: self._inbox.put(("wake", None)),
+                on_event=self._adapter_event,
+            )  # fmt: skip
+        self.runner = ModelRunner(model, self.kv_cache, device, layers)
+        self.scheduler = Scheduler(
+            self.kv_cache, config.max_batched_tokens, config.max_running, self._acquire_adapters, self._release_adapters
+        )
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.metrics.kv_blocks_total.set(num_blocks)
 
@@ -128,11 +159,23 @@ class Engine:
     def num_unfinished(self) -> int:
         return self._unfinished
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, streaming: bool = False) -> RequestHandle:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        streaming: bool = False,
+        adapters: tuple[tuple[AdapterKey, float], ...] = (),
+    ) -> RequestHandle:
         """Queue a request. Raises EngineBusy past the waiting bound, EngineUnavailable when closed.
 
-        A streaming request's handle yields an output per step; any other's, the whole at the end.
+        `adapters` are the (adapter, weight) pairs whose deltas the request's tokens get; none
+        means the bare base model. A streaming request's handle yields an output per step;
+        any other's, the whole at the end.
         """
+        if adapters and self.adapter_slots is None:
+            raise ValueError("this server was started without adapter support")
+        if len(adapters) > (self.adapter_slots.num_slots if self.adapter_slots else 0):
+            raise ValueError(f"a request may combine at most {self.adapter_slots.num_slots} adapters")
         if not self._accepting:
             raise EngineUnavailable("the server is not accepting requests (starting up or shutting down)")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -145,7 +188,7 @@ class Engine:
                 self.metrics.rejected.inc()
                 raise EngineBusy(f"Too many requests are waiting (limit {self.config.max_waiting}); retry later.")
             self._unfinished += 1
-        request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params)
+        request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params, adapters=adapters)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         elif not params.greedy:
@@ -267,10 +310,37 @@ class Engine:
             )
         )
 
+    def _acquire_adapters(self, req: Request) -> bool:
+        """Pin device slots for all of a request's adapters, or none of them."""
+        for key, _ in req.adapters:
+            slot = self.adapter_slots.acquire(key)
+            if slot is None:
+                self._release_adapters(req)
+                reason = self.adapter_slots.failure(key)
+                if reason is not None:
+                    self._finish(self._streams[req.request_id], FinishReason.ERROR, error=reason)
+                return False
+            req.slots.append(slot)
+        return True
+
+    def _release_adapters(self, req: Request) -> None:
+        for slot in req.slots:
+            self.adapter_slots.release(slot)
+        req.slots = []
+
+    def _adapter_event(self, event: str, adapter_id: str) -> None:
+        counter = self.metrics.adapter_loads if event == "load" else self.metrics.adapter_evictions
+        counter.labels(adapter_id).inc()
+
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_blocks_used.set(self.kv_cache.allocator.num_used)
+        if self.adapter_slots is not None:
+            self.metrics.adapters_resident.set(len(self.adapter_slots.resident()))
+            self.metrics.set_requests_by_adapter(
+                [r.adapters for r in self.scheduler.running], [r.adapters for r in self.scheduler.waiting]
+            )
 
 
 class RequestHandle:

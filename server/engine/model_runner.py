@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from plait.server.engine.attention import SequenceChunk, build_attention_batch
 from plait.server.engine.kv_cache import PagedKVCache
+from plait.server.engine.lora import LoRALayers
 from plait.server.engine.request import Request
 
 
@@ -30,10 +32,11 @@ class ScheduledChunk:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache: PagedKVCache, device: torch.device):
+    def __init__(self, model, kv_cache: PagedKVCache, device: torch.device, lora: LoRALayers | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.lora = lora
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -50,6 +53,9 @@ class ModelRunner:
             if c.samples:
                 sample_at.append(len(input_ids) - 1)
         attention = build_attention_batch(seq_chunks, self.kv_cache, self.device)
+        if self.lora is not None:
+            # Each chunk is one contiguous segment of the flat batch, using its request's adapters.
+            self.lora.set_segments([c.num_new for c in chunks], [c.request.lora for c in chunks])
         out = self.model(
             input_ids=torch.tensor([input_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),

@@ -8,6 +8,8 @@ from enum import StrEnum
 
 import torch
 
+from plait.kernels import SlotSpec
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -85,6 +87,19 @@ class Request:
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
+    # The adapters this request applies, as (adapter key, weight); empty for the bare base.
+    adapters: tuple[tuple[object, float], ...] = ()
+    # The device slots pinned for them while the request runs, in the same order.
+    slots: list[int] = field(default_factory=list)
+
+    @property
+    def lora(self) -> SlotSpec:
+        """What the LoRA layers apply to this request's tokens: -1, a slot, or weighted slots."""
+        if not self.slots:
+            return -1
+        if len(self.slots) == 1 and self.adapters[0][1] == 1.0:
+            return self.slots[0]
+        return [(slot, weight) for slot, (_, weight) in zip(self.slots, self.adapters, strict=True)]
 
     @property
     def num_tokens(self) -> int:

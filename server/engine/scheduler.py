@@ -9,11 +9,16 @@ When the pool runs dry the most recently admitted sequence is preempted: its blo
 freed and it goes back to the head of the queue, to be recomputed later. The oldest running
 sequence is never preempted, and every admitted request fits the pool alone, so each one
 finishes however long the others are.
+
+A request runs only while it holds what it needs besides KV blocks (its adapters' device
+slots): `acquire` is asked at admission and may say "not yet", in which case the requests
+behind it are admitted meanwhile; `release` gives those back when it stops running.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.model_runner import ScheduledChunk
@@ -21,8 +26,17 @@ from plait.server.engine.request import Request
 
 
 class Scheduler:
-    def __init__(self, kv_cache: PagedKVCache, max_batched_tokens: int, max_running: int):
+    def __init__(
+        self,
+        kv_cache: PagedKVCache,
+        max_batched_tokens: int,
+        max_running: int,
+        acquire: Callable[[Request], bool] = lambda request: True,
+        release: Callable[[Request], None] = lambda request: None,
+    ):
         self.kv_cache = kv_cache
+        self.acquire = acquire
+        self.release = release
         self.max_batched_tokens = max_batched_tokens
         self.max_running = max_running
         self.waiting: deque[Request] = deque()
@@ -39,6 +53,7 @@ class Scheduler:
         """Take a request out, whether running or waiting, and give back its blocks."""
         if request in self.running:
             self.running.remove(request)
+            self.release(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._release(request)
@@ -59,12 +74,16 @@ class Scheduler:
             i += 1
         # Only admit when nobody was left out above, so new arrivals cannot starve the running.
         if i == len(self.running):
-            while self.waiting and budget > 0 and len(self.running) < self.max_running:
-                req = self.waiting[0]
+            for req in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.max_running:
+                    break
+                if not self.acquire(req):
+                    continue  # its adapter is still loading: let the ones behind it go first
                 n = min(req.num_tokens - req.num_computed, budget)
                 if not self._reserve(req, n):
+                    self.release(req)
                     break
-                self.waiting.popleft()
+                self.waiting.remove(req)
                 self.running.append(req)
                 chunks.append(ScheduledChunk.next_for(req, n))
                 budget -= n
@@ -85,6 +104,7 @@ class Scheduler:
             return False
         self.running.pop()
         self._release(victim)
+        self.release(victim)
         self.waiting.appendleft(victim)
         self.num_preemptions += 1
         return True

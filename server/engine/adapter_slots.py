@@ -1,0 +1,137 @@
+"""Which adapters sit in the device slots, which in the CPU cache, and loading between them.
+
+Three tiers, each least-recently-used: a fixed number of device slots (the pools of
+`LoRALayers`), a CPU cache of parsed adapters, and the on-disk store behind `load`. A slot
+used by a running request is pinned and never evicted under it. Reading an adapter from
+disk happens on a worker thread, so a request for a cold adapter waits without holding up
+requests for adapters already resident; the engine is woken when the read is done.
+
+Adapters are keyed by (id, version): a replaced adapter is a new key, so requests already
+running on the old weights finish on them while new requests load the new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from plait.server.engine.lora import LoRALayers
+
+log = logging.getLogger("plait.adapters")
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    adapter_id: str
+    version: int
+
+
+class AdapterLoadError(Exception):
+    pass
+
+
+class AdapterSlots:
+    def __init__(
+        self,
+        layers: LoRALayers,
+        max_cpu_adapters: int,
+        load: Callable[[AdapterKey], object],
+        wake: Callable[[], None],
+        on_event: Callable[[str, str], None] = lambda event, adapter_id: None,
+    ):
+        self.layers = layers
+        self.max_cpu_adapters = max_cpu_adapters
+        self._load = load
+        self._wake = wake
+        self._on_event = on_event  # ("load" | "evict", adapter id), for metrics
+        self._slot_of: dict[AdapterKey, int] = {}
+        self._key_in: list[AdapterKey | None] = [None] * layers.num_slots
+        self._pins = [0] * layers.num_slots
+        self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recent first
+        self._cpu: OrderedDict[AdapterKey, object] = OrderedDict()
+        self._reading: dict[AdapterKey, Future] = {}
+        self._failed: dict[AdapterKey, str] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-adapter-read")
+
+    @property
+    def num_slots(self) -> int:
+        return self.layers.num_slots
+
+    def resident(self) -> list[AdapterKey]:
+        return [k for k in self._key_in if k is not None]
+
+    def failure(self, key: AdapterKey) -> str | None:
+        """Why `key` could not be read, if it could not; the caller fails its requests."""
+        return self._failed.pop(key, None)
+
+    def acquire(self, key: AdapterKey) -> int | None:
+        """Pin a slot holding `key`, loading it if needed; None if it is not ready yet."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            adapter = self._from_cpu(key)
+            if adapter is None:
+                return None
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self.layers.load(slot, adapter.modules)
+            self._slot_of[key], self._key_in[slot] = slot, key
+            self._on_event("load", key.adapter_id)
+        self._pins[slot] += 1
+        self._lru[slot] = None
+        self._lru.move_to_end(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._pins[slot] -= 1
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop an adapter that was deleted from the store from the CPU cache (slots age out)."""
+        for key in [k for k in self._cpu if k.adapter_id == adapter_id]:
+            del self._cpu[key]
+
+    def _from_cpu(self, key: AdapterKey):
+        adapter = self._cpu.get(key)
+        if adapter is not None:
+            self._cpu.move_to_end(key)
+            return adapter
+        future = self._reading.get(key)
+        if future is None:
+            if key not in self._failed:
+                future = self._reader.submit(self._load, key)
+                future.add_done_callback(lambda _: self._wake())
+                self._reading[key] = future
+            return None
+        if not future.done():
+            return None
+        del self._reading[key]
+        try:
+            adapter = future.result()
+        except Exception as exc:  # a store read that failed fails the requests that wanted it
+            log.warning("cannot load adapter %s: %s", key.adapter_id, exc)
+            self._failed[key] = str(exc)
+            return None
+        self._cpu[key] = adapter
+        while len(self._cpu) > self.max_cpu_adapters:
+            self._cpu.popitem(last=False)
+        return adapter
+
+    def _free_slot(self) -> int | None:
+        for slot, key in enumerate(self._key_in):
+            if key is None:
+                return slot
+        for slot in self._lru:  # least recently used first
+            if self._pins[slot] == 0:
+                old = self._key_in[slot]
+                del self._slot_of[old]
+                self._key_in[slot] = None
+                del self._lru[slot]
+                self._on_event("evict", old.adapter_id)
+                return slot
+        return None
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
