@@ -42,6 +42,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def default_data_dir() -> Path:
+    """Where state that must survive lives (the adapter store), unlike the cache."""
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "plait"
+
+
 def embedded_gguf_path() -> Path:
     # find_spec reads the package's location without running its __init__, which imports
     # llama.cpp bindings Plait does not need.

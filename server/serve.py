@@ -7,12 +7,22 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
-from plait.server.base_model import ModelLoadError, default_device, load_nf4_model, load_tokenizer, resolve_model
+from plait.server.adapters.format import base_lora_targets, read_adapter
+from plait.server.adapters.store import AdapterStore
+from plait.server.base_model import (
+    ModelLoadError,
+    default_data_dir,
+    default_device,
+    load_nf4_model,
+    load_tokenizer,
+    resolve_model,
+)
 from plait.server.engine.attention import ATTENTION_NAME
-from plait.server.engine.engine import Engine, EngineConfig
+from plait.server.engine.engine import Engine, EngineConfig, LoRAConfig
 from plait.server.metrics import Metrics
 
 log = logging.getLogger("plait.serve")
@@ -35,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("PLAIT_API_KEY"),
         help="key required for inference (or PLAIT_API_KEY); none: open",
     )
+    p.add_argument("--admin-key", default=os.environ.get("PLAIT_ADMIN_KEY"),
+                   help="key required to change adapters (or PLAIT_ADMIN_KEY); default: the API key")  # fmt: skip
+    p.add_argument("--data-dir", default=os.environ.get("PLAIT_DATA_DIR") or str(default_data_dir()),
+                   help="where the adapter store lives (or PLAIT_DATA_DIR)")  # fmt: skip
+    p.add_argument("--max-gpu-adapters", type=int, default=8,
+                   help="adapters resident on the device at once (slots)")  # fmt: skip
+    p.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters kept parsed in CPU memory")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     p.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="size of the KV pool")
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     p.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
@@ -56,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (
+        ("--max-gpu-adapters", args.max_gpu_adapters),
+        ("--max-cpu-adapters", args.max_cpu_adapters),
+        ("--max-lora-rank", args.max_lora_rank),
         ("--kv-cache-tokens", args.kv_cache_tokens),
         ("--block-size", args.block_size),
         ("--max-running", args.max_running),
@@ -86,13 +107,29 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
     )
     metrics = Metrics()
-    engine = Engine(model, tokenizer, config, device, metrics)
+    targets = base_lora_targets(model)  # before the engine wraps those layers
+    try:
+        store = AdapterStore(Path(args.data_dir) / "adapters")
+    except OSError as exc:
+        return _fail(f"cannot use --data-dir {args.data_dir}: {exc}")
+    lora = LoRAConfig(
+        targets=targets,
+        load=lambda key: read_adapter(key.path, targets, args.max_lora_rank),
+        max_device_adapters=args.max_gpu_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_rank=args.max_lora_rank,
+    )
+    engine = Engine(model, tokenizer, config, device, metrics, lora)
     context = ServerContext(
         engine=engine,
         tokenizer=tokenizer,
         model_name=args.served_model_name or spec.name,
         metrics=metrics,
+        store=store,
+        lora_targets=targets,
+        max_lora_rank=args.max_lora_rank,
         api_key=args.api_key,
+        admin_key=args.admin_key,
         default_max_tokens=args.default_max_tokens,
     )
 

@@ -49,6 +49,8 @@ def free_port() -> int:
 def start_server(tmp_dir: Path, *args: str) -> LiveServer:
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
+    if "--data-dir" not in args:
+        args = ("--data-dir", str(tmp_dir / f"data-{port}"), *args)
     cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--threads", "2", *args]
     log = open(log_path, "w")  # noqa: SIM115 -- lives as long as the process
     # cwd outside the checkout: a repo-root `kernels/` on sys.path would shadow the PyPI package.

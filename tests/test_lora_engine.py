@@ -71,14 +71,14 @@ def _engine_outputs(folder):
     tok = load_tokenizer(spec)
     model = load_nf4_model(spec, torch.device("cpu"), DTYPE, attn_implementation=ATTENTION_NAME)
     targets = base_lora_targets(model)
-    lora = LoRAConfig(targets=targets, load=lambda key: read_adapter(folder / key.adapter_id, targets, 64),
+    lora = LoRAConfig(targets=targets, load=lambda key: read_adapter(key.path, targets, 64),
                       max_device_adapters=2, max_cpu_adapters=2)  # fmt: skip
     engine = Engine(model, tok, EngineConfig(), torch.device("cpu"), Metrics(), lora)
     runner = threading.Thread(target=engine.run)
     runner.start()
 
     async def one(prompt, adapter):
-        adapters = ((AdapterKey(adapter, 1), 1.0),) if adapter else ()
+        adapters = ((AdapterKey(adapter, 1, folder / adapter), 1.0),) if adapter else ()
         handle = engine.submit(tok.encode(prompt), SamplingParams(max_tokens=NEW_TOKENS, temperature=0,
                                top_logprobs=0, ignore_eos=True), adapters=adapters)  # fmt: skip
         outs = [o async for o in handle.outputs()]

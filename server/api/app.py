@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from plait.server.api import generation
+from plait.server.api import adapters, generation
 from plait.server.api.context import ServerContext, get_context, require_api_key
 from plait.server.api.errors import error_response, install_error_handlers
 
@@ -23,15 +23,17 @@ class BodySizeLimit:
     from the routes, and they need them to free a departed client's slot.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, upload_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes  # adapter uploads: the store's limit plus multipart framing
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            limit = self.upload_bytes if scope["path"] == "/v1/adapters" else self.max_bytes
             length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = error_response(413, f"The request body is larger than {self.max_bytes} bytes.")
+            if length.isdigit() and int(length) > limit:
+                response = error_response(413, f"The request body is larger than {limit} bytes.")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -49,8 +51,9 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     app.state.context = context
     install_error_handlers(app)
 
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=context.store.max_bytes + (1 << 20))
     app.include_router(generation.router)
+    app.include_router(adapters.router)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def list_models(ctx: ServerContext = Depends(get_context)):
@@ -63,7 +66,9 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
             "parent": None,
             "max_model_len": ctx.engine.max_model_len,
         }
-        return {"object": "list", "data": [base]}
+        served = [{**adapters.adapter_object(a, ctx.model_name), "object": "model", "root": ctx.model_name}
+                  for a in ctx.store.list()]  # fmt: skip
+        return {"object": "list", "data": [base, *served]}
 
     @app.get("/health")
     async def health(ctx: ServerContext = Depends(get_context)):

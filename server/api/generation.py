@@ -23,7 +23,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
-    model = ctx.resolve_model(body.model)
+    model, adapters = _model_and_adapters(ctx, body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
         prompt_ids = ctx.tokenizer.apply_chat_template(
@@ -33,7 +33,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: S
         raise APIError(
             400, f"The messages cannot be formatted with the model's chat template: {exc}", "messages"
         ) from None
-    handle = _submit(ctx, prompt_ids, body)
+    handle = _submit(ctx, prompt_ids, body, adapters)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     fmt = _ChatFormat(ctx, response_id, model)
     if body.stream:
@@ -43,7 +43,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: S
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
-    model = ctx.resolve_model(body.model)
+    model, adapters = _model_and_adapters(ctx, body)
     prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
     if isinstance(prompt, str):
         prompt_ids = ctx.tokenizer.encode(prompt)
@@ -54,14 +54,31 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
         prompt_ids = list(prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", "prompt")
-    handle = _submit(ctx, prompt_ids, body)
+    handle = _submit(ctx, prompt_ids, body, adapters)
     fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", model)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
 
 
-def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest):
+def _model_and_adapters(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest):
+    """The model name to answer with, and the (adapter, weight) pairs the request applies.
+
+    `model` names the base model or one adapter; the `adapters` extension instead lists
+    several with weights, whose weighted sum of deltas applies (PEFT's `cat` combination).
+    """
+    if body.adapters is None:
+        return body.model or ctx.model_name, tuple((key, 1.0) for key in ctx.resolve_model(body.model))
+    if body.model not in (None, ctx.model_name):
+        raise APIError(400, "With 'adapters', 'model' must be the base model or left out.", "model")
+    ids = [a.id for a in body.adapters]
+    if len(set(ids)) != len(ids):
+        raise APIError(400, "Each adapter may appear once in 'adapters'.", "adapters")
+    pairs = tuple((ctx.adapter_key(a.id, f"adapters.{i}.id"), a.weight) for i, a in enumerate(body.adapters))
+    return ctx.model_name, pairs
+
+
+def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, adapters):
     limit = ctx.engine.max_model_len
     room = limit - len(prompt_ids)
     if room < 1:
@@ -94,11 +111,13 @@ def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionReque
         ignore_eos=body.ignore_eos,
     )
     try:
-        return ctx.engine.submit(prompt_ids, params, streaming=body.stream)
+        return ctx.engine.submit(prompt_ids, params, streaming=body.stream, adapters=adapters)
     except EngineBusy as exc:
         raise APIError(429, str(exc), code="rate_limit_exceeded") from None
     except EngineUnavailable as exc:
         raise APIError(503, str(exc), code="unavailable") from None
+    except ValueError as exc:  # more adapters than device slots, and the like
+        raise APIError(400, str(exc), "adapters") from None
 
 
 async def _collect(handle: RequestHandle, request: Request, fmt: _Format) -> JSONResponse:

@@ -34,6 +34,11 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
+class AdapterWeight(_Body):
+    id: str
+    weight: float = 1.0
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -53,6 +58,8 @@ class _Sampling(_Body):
     user: str | None = None
     # Extension (as in vLLM): keep generating past end-of-sequence until max_tokens.
     ignore_eos: bool = False
+    # Extension: several adapters at once, their deltas summed with these weights.
+    adapters: Annotated[list[AdapterWeight], Field(min_length=1)] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

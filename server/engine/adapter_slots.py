@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from plait.server.engine.lora import LoRALayers
 
@@ -25,12 +26,11 @@ log = logging.getLogger("plait.adapters")
 
 @dataclass(frozen=True)
 class AdapterKey:
+    """One unchanging version of an adapter, and the folder its files are read from."""
+
     adapter_id: str
     version: int
-
-
-class AdapterLoadError(Exception):
-    pass
+    path: Path
 
 
 class AdapterSlots:
@@ -87,11 +87,6 @@ class AdapterSlots:
 
     def release(self, slot: int) -> None:
         self._pins[slot] -= 1
-
-    def forget(self, adapter_id: str) -> None:
-        """Drop an adapter that was deleted from the store from the CPU cache (slots age out)."""
-        for key in [k for k in self._cpu if k.adapter_id == adapter_id]:
-            del self._cpu[key]
 
     def _from_cpu(self, key: AdapterKey):
         adapter = self._cpu.get(key)
