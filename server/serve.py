@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters resident on the device at once (slots)")  # fmt: skip
     p.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters kept parsed in CPU memory")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+    p.add_argument("--max-adapter-mb", type=int, default=512, help="largest adapter upload, in MiB")
     p.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="size of the KV pool")
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     p.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ("--max-gpu-adapters", args.max_gpu_adapters),
         ("--max-cpu-adapters", args.max_cpu_adapters),
         ("--max-lora-rank", args.max_lora_rank),
+        ("--max-adapter-mb", args.max_adapter_mb),
         ("--kv-cache-tokens", args.kv_cache_tokens),
         ("--block-size", args.block_size),
         ("--max-running", args.max_running),
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     targets = base_lora_targets(model)  # before the engine wraps those layers
     try:
-        store = AdapterStore(Path(args.data_dir) / "adapters")
+        store = AdapterStore(Path(args.data_dir) / "adapters", max_bytes=args.max_adapter_mb << 20)
     except OSError as exc:
         return _fail(f"cannot use --data-dir {args.data_dir}: {exc}")
     lora = LoRAConfig(

@@ -93,6 +93,21 @@ def client(server: LiveServer) -> openai.OpenAI:
     return server.client(max_retries=0)
 
 
+@pytest.fixture(scope="module")
+def launch_module_server(tmp_path_factory):
+    """Like launch_server, for servers shared by the tests of one module."""
+    started: list[LiveServer] = []
+    tmp = tmp_path_factory.mktemp("servers")
+
+    def launch(*args: str) -> LiveServer:
+        started.append(start_server(tmp, *args))
+        return started[-1]
+
+    yield launch
+    for s in started:
+        stop_server(s)
+
+
 @pytest.fixture
 def launch_server(tmp_path):
     """Start a server with extra flags for one test; it is stopped when the test ends."""

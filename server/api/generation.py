@@ -35,7 +35,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: S
         ) from None
     handle = _submit(ctx, prompt_ids, body, adapters)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    fmt = _ChatFormat(ctx, response_id, model)
+    fmt = _ChatFormat(ctx, response_id, model, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
@@ -55,7 +55,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", "prompt")
     handle = _submit(ctx, prompt_ids, body, adapters)
-    fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", model)
+    fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", model, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
@@ -192,8 +192,8 @@ class _Format:
     object_full: str
     object_chunk: str
 
-    def __init__(self, ctx: ServerContext, response_id: str, model: str):
-        self.token_text: Callable[[int], str] = ctx.token_text
+    def __init__(self, ctx: ServerContext, response_id: str, model: str, tokens_as_ids: bool = False):
+        self.token_text: Callable[[int], str] = (lambda i: f"token_id:{i}") if tokens_as_ids else ctx.token_text
         self.id = response_id
         self.model = model
         self.created = int(time.time())

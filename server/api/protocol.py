@@ -58,6 +58,8 @@ class _Sampling(_Body):
     user: str | None = None
     # Extension (as in vLLM): keep generating past end-of-sequence until max_tokens.
     ignore_eos: bool = False
+    # Extension (as in vLLM): logprob tokens as "token_id:<id>", for clients that need exact ids.
+    return_tokens_as_token_ids: bool = False
     # Extension: several adapters at once, their deltas summed with these weights.
     adapters: Annotated[list[AdapterWeight], Field(min_length=1)] | None = None
 
