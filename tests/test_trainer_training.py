@@ -93,7 +93,7 @@ class Crash(Exception):
     pass
 
 
-def test_resume_gives_exactly_the_uninterrupted_result(workdir, tiny_model, uninterrupted, monkeypatch):
+def test_resume_gives_exactly_the_uninterrupted_result(workdir, tiny_model, uninterrupted, monkeypatch, capsys):
     real_save = loop.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
@@ -108,7 +108,9 @@ def test_resume_gives_exactly_the_uninterrupted_result(workdir, tiny_model, unin
     assert not output.exists()  # a failed run leaves no adapter where one would be looked for
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002"]
 
-    assert _train(*_tiny_args(workdir, tiny_model, "resumed", "--lr", "5e-3", "--resume")) == 2  # settings differ
+    capsys.readouterr()
+    assert _train(*_tiny_args(workdir, tiny_model, "resumed", "--lr", "5e-3", "--seed", "1", "--resume")) == 2
+    assert "step-00000002 was made with different lr, seed" in capsys.readouterr().err
     assert _train(*_tiny_args(workdir, tiny_model, "resumed", "--resume")) == 0
 
     expected, got = _adapter(uninterrupted), _adapter(output)
@@ -120,6 +122,13 @@ def test_resume_gives_exactly_the_uninterrupted_result(workdir, tiny_model, unin
     assert report["train_loss"] == reference["train_loss"] and report["eval_loss"] == reference["eval_loss"]
     assert report["tokens"] == reference["tokens"] and report["steps"] == 4
     assert not run_dir.exists() and not (output / "checkpoints").exists()
+
+
+def test_an_unknown_target_module_is_a_one_line_error(workdir, tiny_model, capsys):
+    assert _train(*_tiny_args(workdir, tiny_model, "no-such-module", "--target-modules", "q_proj,qkv_fused")) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line.startswith("plait train: error: --target-modules: ") and "qkv_fused" in line
+    assert not (workdir / "no-such-module").exists()
 
 
 def test_the_seed_makes_a_run_repeatable(workdir, tiny_model, uninterrupted):

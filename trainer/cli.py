@@ -72,9 +72,16 @@ def run(args: argparse.Namespace) -> int:
         train_examples = read_examples(config.data)
         eval_examples = read_examples(config.eval_file) if config.eval_file else []
         output, run_dir, resume_from = prepare_output(config)
+        if resume_from is not None:
+            check_resumable(config, resume_from)
     except (ConfigError, DataError) as exc:
         return _fail(exc)
-    return train_adapter(config, train_examples, eval_examples, output, run_dir, resume_from)
+    try:
+        return train_adapter(config, train_examples, eval_examples, output, run_dir, resume_from)
+    except KeyboardInterrupt:
+        print(f"plait train: interrupted; continue from the last checkpoint in {run_dir} with --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -134,6 +141,16 @@ def prepare_output(config: TrainConfig) -> tuple[Path, Path, Path | None]:
     return output, run_dir, None
 
 
+def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
+    """A checkpoint continues only the run it came from: same settings, same data."""
+    from plait.trainer.checkpoint import read_progress
+
+    settings, saved = run_settings(config), read_progress(checkpoint)["settings"]
+    changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+    if changed:
+        raise ConfigError(f"--resume: {checkpoint} was made with different {', '.join(changed)}")
+
+
 def train_adapter(
     config: TrainConfig, train_examples: list[Example], eval_examples: list[Example], output: Path, run_dir: Path,
     resume_from: Path | None,
@@ -142,17 +159,10 @@ def train_adapter(
     import transformers
 
     from plait.server.base_model import ModelLoadError, default_device, load_tokenizer, resolve_model
-    from plait.trainer.checkpoint import read_progress
     from plait.trainer.loop import train
     from plait.trainer.model import LoraSettings, compute_dtype, load_for_training
 
     transformers.utils.logging.disable_progress_bar()  # the training bar is the one to watch
-    settings = run_settings(config)
-    if resume_from is not None:
-        saved = read_progress(resume_from)["settings"]
-        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
-        if changed:
-            return _fail(f"--resume: {resume_from} was made with different {', '.join(changed)}")
     started = time.perf_counter()
     try:
         device = torch.device(config.device) if config.device else default_device()
@@ -175,7 +185,7 @@ def train_adapter(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    progress = train(model, train_set, eval_set, config, device, pad_id, run_dir, settings, resume_from)
+    progress = train(model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config), resume_from)
     finish(model, progress, config, spec, device, dtype, output, run_dir,
            examples={"train": len(train_set), "skipped_too_long": skipped, "eval": len(eval_set)},
            wall_seconds=time.perf_counter() - started, resumed_from=resume_from)  # fmt: skip

@@ -71,7 +71,7 @@ def train(
 
     model.train()
     bar = tqdm(total=len(plan), initial=progress.step, desc="plait train", unit="step", dynamic_ncols=True)
-    segment_start, segment_tokens = time.perf_counter(), 0
+    segment_tokens, segment_seconds = 0, 0.0  # this process's share, for the bar's tokens/s
     for index in range(progress.step, len(plan)):
         step_started = time.perf_counter()
         lr = learning_rate(index, len(plan), warmup, config.lr)
@@ -95,15 +95,14 @@ def train(
         progress.epochs = progress.step / steps_per_epoch
         progress.tokens += step_tokens
         progress.target_tokens += step_targets
-        progress.seconds += time.perf_counter() - step_started
+        step_seconds = time.perf_counter() - step_started
+        progress.seconds += step_seconds
         progress.train_loss.append([progress.step, step_loss / step_targets])
         segment_tokens += step_tokens
+        segment_seconds += step_seconds
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{step_loss / step_targets:.4f}",
-            lr=f"{lr:.2e}",
-            tok_s=f"{segment_tokens / (time.perf_counter() - segment_start):.0f}",
-        )
+        bar.set_postfix(loss=f"{step_loss / step_targets:.4f}", lr=f"{lr:.2e}",
+                        tok_s=f"{segment_tokens / segment_seconds:.0f}")  # fmt: skip
 
         last = progress.step == len(plan)
         if eval_set and (last or (config.eval_every and progress.step % config.eval_every == 0)):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plait.server.base_model import BaseModelSpec, load_nf4_model
+from plait.server.base_model import BaseModelSpec, ModelLoadError, load_nf4_model
 from plait.trainer.batching import Batch
 from plait.trainer.masking import IGNORE_INDEX
 
@@ -68,8 +68,8 @@ def load_for_training(
     )
     try:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    except ValueError as exc:  # e.g. a target module the model does not have
-        raise ValueError(str(exc).splitlines()[0]) from None
+    except ValueError as exc:  # a target module the model does not have
+        raise ModelLoadError(f"--target-modules: {str(exc).splitlines()[0]}") from None
     peft_model.train()
     return peft_model
 

@@ -1,0 +1,208 @@
+"""Training throughput and peak memory of `plait train`, side by side with a plain PEFT +
+transformers `Trainer` script on the same data, base model and settings.
+
+    python bench/bench_training.py [--model PATH] [--steps 10] [--batch-size 4] [--rounds 1]
+
+Both sides load the base through Plait's own NF4 loader and train the same LoRA (rank 16,
+alpha 32, dropout 0.05, all linear layers) with gradient checkpointing, on the same token
+ids and loss labels (assistant tokens only), for the same number of optimizer steps. The
+Trainer side is the usual QLoRA recipe: `prepare_model_for_kbit_training`, `get_peft_model`,
+`DataCollatorForSeq2Seq`, `bf16` autocast, paged 8-bit AdamW on CUDA / AdamW on the CPU.
+
+Each side runs in a child process of its own, one after the other, so the peak memory of one
+(peak RSS on the CPU, `max_memory_allocated` on CUDA) is its own. Tokens/s counts the real
+(unpadded) tokens of every micro-batch over the time of the training loop alone, model
+loading excluded. With --rounds above 1 the sides alternate and the medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "river", "stone", "lantern", "orbit", "maple", "quiet", "copper", "signal", "harbor", "velvet", "meadow", "prism",
+    "ember", "canyon", "thistle", "beacon", "delta", "forest", "glacier", "saffron", "tundra", "willow", "zephyr",
+)  # fmt: skip
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def write_dataset(path: Path, examples: int) -> None:
+    """Chat examples of varied length (40 to 200 tokens or so), the same every time."""
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for _ in range(examples):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60)))
+            messages = [
+                {"role": "user", "content": f"Repeat these words in reverse order: {words}"},
+                {"role": "assistant", "content": " ".join(reversed(words.split()))},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def run_plait(args, data: Path, workdir: Path, name: str) -> dict:
+    output = workdir / name
+    cmd = [sys.executable, "-m", "plait.cli", "train", str(data), "-o", str(output), "--max-steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--grad-accum", "1", "--max-seq-len", str(args.max_seq_len),
+           "--lr", "2e-4", "--warmup-steps", "1", "--save-every", "0", "--lora-r", "16", "--lora-alpha", "32",
+           "--lora-dropout", "0.05", "--seed", "0"]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report = json.loads((output / "training_report.json").read_text())
+    return {"tokens_per_second": report["tokens_per_second"], "peak_memory_bytes": report["peak_memory"]["bytes"],
+            "final_loss": report["final_train_loss"]}  # fmt: skip
+
+
+def run_trainer(args, data: Path, workdir: Path, name: str) -> dict:
+    result = workdir / f"{name}.json"
+    cmd = [sys.executable, __file__, "--trainer-worker", str(result), "--data", str(data), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(result.read_text())
+
+
+def trainer_worker(args) -> None:
+    """The plain script: transformers' Trainer over a PEFT model, as the QLoRA recipes write it."""
+    import resource
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from plait.server.base_model import default_device, load_nf4_model, load_tokenizer, resolve_model
+    from plait.trainer.data import read_examples
+    from plait.trainer.masking import tokenize_conversation
+
+    spec = resolve_model(args.model)
+    tokenizer = load_tokenizer(spec)
+    device = default_device()
+    examples = [tokenize_conversation(tokenizer, e.messages, args.max_seq_len) for e in read_examples(args.data)]
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+               for e in examples if e is not None]  # fmt: skip
+
+    torch.manual_seed(0)
+    model = load_nf4_model(spec, device, torch.bfloat16)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    counted = {"tokens": 0}
+
+    def collate(features):
+        batch = collator(features)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, *_, **__):
+            self.seconds = time.perf_counter() - self.start
+
+    clock = Clock()
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.trainer_worker).parent / "trainer-out"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=True,
+        optim="paged_adamw_8bit" if device.type == "cuda" else "adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
+                      callbacks=[clock])  # fmt: skip
+    trainer.train()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    Path(args.trainer_worker).write_text(json.dumps(
+        {"tokens_per_second": counted["tokens"] / clock.seconds, "peak_memory_bytes": peak, "final_loss": losses[-1]}
+    ))  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--trainer-worker", metavar="RESULT", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.trainer_worker:
+        trainer_worker(args)
+        return
+
+    print(f"machine: {machine()}")
+    plait: list[dict] = []
+    hf: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="plait-bench-train-") as tmp:
+        workdir = Path(tmp)
+        data = workdir / "data.jsonl"
+        write_dataset(data, args.examples)
+        for r in range(args.rounds):
+            plait.append(run_plait(args, data, workdir, f"plait-{r}"))
+            hf.append(run_trainer(args, data, workdir, f"trainer-{r}"))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    def median(rows: list[dict], key: str) -> float:
+        return statistics.median(row[key] for row in rows)
+
+    tps, tps_hf = median(plait, "tokens_per_second"), median(hf, "tokens_per_second")
+    mem, mem_hf = median(plait, "peak_memory_bytes") / 2**20, median(hf, "peak_memory_bytes") / 2**20
+    memory_kind = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
+    print(f"\n{args.examples} chat examples, {args.steps} steps of batch {args.batch_size}, LoRA r16 all-linear, "
+          f"NF4 base, bf16 compute, median of {args.rounds} round(s)\n")  # fmt: skip
+    print(f"{'':>22} {'tokens/s':>10} {memory_kind + ' MiB':>{len(memory_kind) + 5}} {'final loss':>11}")
+    for label, t, m, rows in (("plait train", tps, mem, plait), ("PEFT + Trainer", tps_hf, mem_hf, hf)):
+        print(f"{label:>22} {t:>10.1f} {m:>{len(memory_kind) + 5}.0f} {median(rows, 'final_loss'):>11.3f}")
+    print(f"{'plait / Trainer':>22} {tps / tps_hf:>10.2f} {mem / mem_hf:>{len(memory_kind) + 5}.2f}")
+
+
+if __name__ == "__main__":
+    main()
