@@ -157,7 +157,7 @@ def test_replacement_under_load_is_atomic(server, peft, tokenizer):
     model, root = peft
     before = _ask(server, "rank8-mlp", PROMPTS[1])
     with ThreadPoolExecutor(4) as pool:
-        running = [pool.submit(_ask, server, "rank8-mlp", PROMPTS[1], max_tokens=40) for _ in range(3)]
+        running = [pool.submit(_ask, server, "rank8-mlp", PROMPTS[1], max_tokens=24) for _ in range(2)]
         with server.http() as http:
             r = _upload(http, "rank8-mlp", _files(root / "rank8-mlp-v2"))
         assert r.status_code == 201 and r.json()["version"] > 1
