@@ -67,9 +67,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
     if args.model:
         cmd += ["--model", args.model]
     if args.threads:

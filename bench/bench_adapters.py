@@ -1,0 +1,152 @@
+"""Multi-adapter serving throughput, S-LoRA style, side by side in one run.
+
+    python bench/bench_adapters.py [--adapters 1 8 64] [--requests 48] [--concurrency 16]
+
+For each N, one request stream: adapters drawn with power-law (Zipf, s=1) popularity over N
+adapters of mixed ranks (8-64, on q/k/v/o), every request generating exactly --max-tokens
+tokens. The same stream goes through
+  - Plait (`plait serve` over HTTP, --concurrency requests in flight),
+  - the naive approach people run today: one PeftModel holding every adapter, `set_adapter`
+    and `generate` per request, one at a time,
+and Plait serving the same stream with no adapter at all. It prints tokens/s and the ratios
+Plait/naive and Plait(N adapters)/Plait(no adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+from bench_serving import PROMPTS, machine, start_server  # this folder is on sys.path when run as a script
+from safetensors.torch import save_file
+
+RANKS = (8, 16, 32, 64)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def make_adapters(root: Path, n: int, targets: dict[str, tuple[int, int]], seed: int) -> list[str]:
+    """N PEFT-format adapters with random weights and ranks, written straight to safetensors."""
+    rng = torch.Generator().manual_seed(seed)
+    names = []
+    for i in range(n):
+        rank = RANKS[i % len(RANKS)]
+        name = f"bench-{i}-r{rank}"
+        tensors = {}
+        for path, (fan_in, fan_out) in targets.items():
+            if path.rsplit(".", 1)[-1] in TARGETS:
+                key = f"base_model.model.{path}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=rng) / fan_in**0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=rng) * 0.01
+        folder = root / name
+        folder.mkdir(parents=True)
+        save_file(tensors, folder / "adapter_model.safetensors")
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
+                  "bias": "none", "task_type": "CAUSAL_LM"}  # fmt: skip
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        names.append(name)
+    return names
+
+
+def zipf_stream(names: list[str], requests: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) for i in range(len(names))]
+    picks = rng.choices(names, weights=weights, k=requests)
+    return [(name, PROMPTS[i % len(PROMPTS)]) for i, name in enumerate(picks)]
+
+
+def plait_throughput(url: str, stream, max_tokens: int, concurrency: int, use_adapters: bool) -> float:
+    def ask(job) -> int:
+        adapter, prompt = job
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        if use_adapters:
+            body["model"] = adapter
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(ask, stream))
+    return tokens / (time.perf_counter() - start)
+
+
+def naive_throughput(peft_model, tokenizer, stream, max_tokens: int) -> float:
+    tokens = 0
+    start = time.perf_counter()
+    for adapter, prompt in stream:
+        peft_model.set_adapter(adapter)
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = peft_model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--gpu-slots", type=int, default=8, help="plait serve --max-gpu-adapters")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    from peft import PeftModel
+
+    from plait.server.adapters.format import base_lora_targets
+    from plait.server.base_model import default_device, load_nf4_model, load_tokenizer, resolve_model
+
+    print(f"machine: {machine()}")
+    spec = resolve_model(None)
+    tokenizer = load_tokenizer(spec)
+    base = load_nf4_model(spec, default_device())
+    targets = base_lora_targets(base)
+    work = Path(tempfile.mkdtemp(prefix="plait-bench-"))
+    names = make_adapters(work / "adapters", max(args.adapters), targets, args.seed)
+
+    server_args = argparse.Namespace(model=None, threads=None)
+    proc, url = start_server(server_args, "--max-gpu-adapters", str(args.gpu_slots), "--data-dir", str(work / "data"))
+    rows = []
+    try:
+        for name in names:
+            folder = work / "adapters" / name
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)},
+                           timeout=120)  # fmt: skip
+            r.raise_for_status()
+        plait_throughput(url, zipf_stream(names[:2], 4, 0), 4, 4, True)  # warm-up
+        peft_model = PeftModel.from_pretrained(base, work / "adapters" / names[0], adapter_name=names[0])
+        loaded = 1
+        for n in args.adapters:
+            for name in names[loaded:n]:
+                peft_model.load_adapter(work / "adapters" / name, adapter_name=name)
+            loaded = max(loaded, n)
+            stream = zipf_stream(names[:n], args.requests, args.seed + n)
+            with_lora = plait_throughput(url, stream, args.max_tokens, args.concurrency, True)
+            bare = plait_throughput(url, stream, args.max_tokens, args.concurrency, False)
+            naive = naive_throughput(peft_model, tokenizer, stream, args.max_tokens)
+            rows.append((n, with_lora, bare, naive))
+            print(f"N={n} done", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    print(f"\n{args.requests} requests x {args.max_tokens} tokens, Zipf popularity, ranks {RANKS}, "
+          f"{args.concurrency} in flight, {args.gpu_slots} device slots\n")  # fmt: skip
+    print(f"{'N':>5} {'plait tok/s':>12} {'no-adapter tok/s':>17} {'naive tok/s':>12} {'vs no-adapter':>14} "
+          f"{'vs naive':>9}")  # fmt: skip
+    for n, with_lora, bare, naive in rows:
+        print(f"{n:>5} {with_lora:>12.1f} {bare:>17.1f} {naive:>12.1f} {with_lora / bare:>14.2f} "
+              f"{with_lora / naive:>8.1f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
