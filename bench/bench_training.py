@@ -11,8 +11,8 @@ Trainer side is the usual QLoRA recipe: `prepare_model_for_kbit_training`, `get_
 
 Each side runs in a child process of its own, one after the other, so the peak memory of one
 (peak RSS on the CPU, `max_memory_allocated` on CUDA) is its own. Tokens/s counts the real
-(unpadded) tokens of every micro-batch over the time of the training loop alone, model
-loading excluded. With --rounds above 1 the sides alternate and the medians are reported.
+(unpadded) tokens of every micro-batch over the time of the optimizer steps after the first
+(model loading and one-off warm-up excluded). With --rounds above 1 the sides alternate and the medians are reported.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ WORDS = (
     "river", "stone", "lantern", "orbit", "maple", "quiet", "copper", "signal", "harbor", "velvet", "meadow", "prism",
     "ember", "canyon", "thistle", "beacon", "delta", "forest", "glacier", "saffron", "tundra", "willow", "zephyr",
 )  # fmt: skip
+
+
+# The first step of a process pays one-off costs (on the CPU, a long bf16 kernel warm-up) that
+# say nothing about training speed; both sides' tokens/s leave it out.
+WARMUP_STEPS = 1
 
 
 def machine() -> str:
@@ -73,8 +78,9 @@ def run_plait(args, data: Path, workdir: Path, name: str) -> dict:
         cmd += ["--model", args.model]
     subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     report = json.loads((output / "training_report.json").read_text())
-    return {"tokens_per_second": report["tokens_per_second"], "peak_memory_bytes": report["peak_memory"]["bytes"],
-            "final_loss": report["final_train_loss"]}  # fmt: skip
+    timed = [(tokens, seconds) for step, tokens, seconds in report["step_times"] if step > WARMUP_STEPS]
+    return {"tokens_per_second": sum(t for t, _ in timed) / sum(s for _, s in timed),
+            "peak_memory_bytes": report["peak_memory"]["bytes"], "final_loss": report["final_train_loss"]}  # fmt: skip
 
 
 def run_trainer(args, data: Path, workdir: Path, name: str) -> dict:
@@ -122,11 +128,20 @@ def trainer_worker(args) -> None:
         return batch
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            self.start = time.perf_counter()
+        """Tokens and time of the steps after the warm-up ones, as plait's report gives them."""
 
-        def on_train_end(self, *_, **__):
-            self.seconds = time.perf_counter() - self.start
+        tokens, seconds, counted_before = 0, 0.0, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # The Trainer collates a step's batch before on_step_begin, so the step's tokens
+            # are what the collator counted since the previous step ended.
+            if state.global_step > WARMUP_STEPS:
+                self.tokens += counted["tokens"] - self.counted_before
+                self.seconds += time.perf_counter() - self.started
+            self.counted_before = counted["tokens"]
 
     clock = Clock()
     training_args = TrainingArguments(
@@ -159,7 +174,7 @@ def trainer_worker(args) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     Path(args.trainer_worker).write_text(json.dumps(
-        {"tokens_per_second": counted["tokens"] / clock.seconds, "peak_memory_bytes": peak, "final_loss": losses[-1]}
+        {"tokens_per_second": clock.tokens / clock.seconds, "peak_memory_bytes": peak, "final_loss": losses[-1]}
     ))  # fmt: skip
 
 

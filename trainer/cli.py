@@ -262,6 +262,7 @@ def finish(model, progress, config, spec, device, dtype, output: Path, run_dir: 
         "final_eval_loss": progress.eval_loss[-1][1] if progress.eval_loss else None,
         "train_loss": progress.train_loss,
         "eval_loss": progress.eval_loss,
+        "step_times": progress.step_times,
         "config": config.public(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }

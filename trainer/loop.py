@@ -35,6 +35,7 @@ class Progress:
     seconds: float = 0.0  # time in the loop, model loading excluded
     train_loss: list[list[float]] = field(default_factory=list)  # [step, mean loss of that step]
     eval_loss: list[list[float]] = field(default_factory=list)
+    step_times: list[list[float]] = field(default_factory=list)  # [step, tokens, seconds]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device):
@@ -98,6 +99,7 @@ def train(
         step_seconds = time.perf_counter() - step_started
         progress.seconds += step_seconds
         progress.train_loss.append([progress.step, step_loss / step_targets])
+        progress.step_times.append([progress.step, step_tokens, round(step_seconds, 4)])
         segment_tokens += step_tokens
         segment_seconds += step_seconds
         bar.update(1)

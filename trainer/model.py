@@ -56,7 +56,16 @@ def load_for_training(
         # Non-reentrant checkpointing needs no requires_grad on the inputs (the reentrant kind
         # would, which is half of what prepare_model_for_kbit_training is for).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    target = lora.target_modules[0] if lora.target_modules == ("all-linear",) else list(lora.target_modules)
+    if lora.target_modules == ("all-linear",):
+        target = "all-linear"
+    else:
+        # PEFT only refuses a list none of whose names match; a typo beside a valid name would
+        # silently train fewer layers than asked for.
+        names = [name for name, _ in model.named_modules()]
+        for wanted in lora.target_modules:
+            if not any(name == wanted or name.endswith("." + wanted) for name in names):
+                raise ModelLoadError(f"--target-modules: {spec.name} has no module named {wanted!r}")
+        target = list(lora.target_modules)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -68,7 +77,7 @@ def load_for_training(
     )
     try:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    except ValueError as exc:  # a target module the model does not have
+    except ValueError as exc:  # e.g. a target that is not a layer type LoRA supports
         raise ModelLoadError(f"--target-modules: {str(exc).splitlines()[0]}") from None
     peft_model.train()
     return peft_model
