@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 STARTUP_SECONDS = 300  # the first start converts the embedded model once
 
@@ -93,30 +94,52 @@ def client(server: LiveServer) -> openai.OpenAI:
     return server.client(max_retries=0)
 
 
+class _Launcher:
+    """Starts servers with extra flags and stops them all when its fixture ends."""
+
+    def __init__(self, tmp_dir: Path):
+        self.tmp_dir = tmp_dir
+        self.started: list[LiveServer] = []
+
+    def __call__(self, *args: str) -> LiveServer:
+        self.started.append(start_server(self.tmp_dir, *args))
+        return self.started[-1]
+
+    def stop_all(self) -> None:
+        for s in self.started:
+            stop_server(s)
+
+
 @pytest.fixture(scope="module")
 def launch_module_server(tmp_path_factory):
-    """Like launch_server, for servers shared by the tests of one module."""
-    started: list[LiveServer] = []
-    tmp = tmp_path_factory.mktemp("servers")
-
-    def launch(*args: str) -> LiveServer:
-        started.append(start_server(tmp, *args))
-        return started[-1]
-
-    yield launch
-    for s in started:
-        stop_server(s)
+    """A server shared by the tests of one module."""
+    launcher = _Launcher(tmp_path_factory.mktemp("servers"))
+    yield launcher
+    launcher.stop_all()
 
 
 @pytest.fixture
 def launch_server(tmp_path):
-    """Start a server with extra flags for one test; it is stopped when the test ends."""
-    started: list[LiveServer] = []
+    """A server for one test."""
+    launcher = _Launcher(tmp_path)
+    yield launcher
+    launcher.stop_all()
 
-    def launch(*args: str) -> LiveServer:
-        started.append(start_server(tmp_path, *args))
-        return started[-1]
 
-    yield launch
-    for s in started:
-        stop_server(s)
+def _score_with_peft(model, adapter: str | None, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+    """PEFT's logprob of each of `new_ids` after `prompt_ids`, with `adapter` active (None: the base)."""
+    ids = torch.tensor([prompt_ids + list(new_ids)])
+    with torch.inference_mode():
+        if adapter is None:
+            with model.disable_adapter():
+                logits = model(input_ids=ids).logits[0].float()
+        else:
+            model.set_adapter(adapter)
+            logits = model(input_ids=ids).logits[0].float()
+    scores = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
+    return scores.gather(1, torch.tensor(list(new_ids))[:, None]).squeeze(1)
+
+
+@pytest.fixture(scope="session")
+def peft_logprobs():
+    return _score_with_peft

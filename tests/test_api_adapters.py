@@ -93,27 +93,18 @@ def _ask(server, model=None, prompt=PROMPTS[0], **extra):
     return [int(t.removeprefix("token_id:")) for t in lp["tokens"]], torch.tensor(lp["token_logprobs"])
 
 
-def _peft_logprobs(model, adapter, prompt_ids, new_ids) -> torch.Tensor:
-    ids = prompt_ids + new_ids
-    with torch.inference_mode():
-        if adapter is None:
-            with model.disable_adapter():
-                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-        else:
-            model.set_adapter(adapter)
-            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    scores = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
-    return scores.gather(1, torch.tensor(new_ids)[:, None]).squeeze(1)
+@pytest.fixture(scope="module")
+def assert_matches(peft, tokenizer, peft_logprobs):
+    def check(prompt, adapter, answer) -> float:
+        """The answer's logprobs agree with PEFT; returns how far the adapter moved them from the base."""
+        new_ids, got = answer
+        prompt_ids = tokenizer.encode(prompt)
+        expected = peft_logprobs(peft[0], adapter, prompt_ids, new_ids)
+        diff = (got - expected).abs()
+        assert diff.max() < LOGPROB_MAX_ATOL and diff.mean() < LOGPROB_MEAN_ATOL, (prompt, adapter, got, expected)
+        return float((got - peft_logprobs(peft[0], None, prompt_ids, new_ids)).abs().max())
 
-
-def _assert_matches(model, tokenizer, prompt, adapter, answer) -> float:
-    """The answer's logprobs agree with PEFT; returns how far the adapter moved them from the base."""
-    new_ids, got = answer
-    prompt_ids = tokenizer.encode(prompt)
-    expected = _peft_logprobs(model, adapter, prompt_ids, new_ids)
-    diff = (got - expected).abs()
-    assert diff.max() < LOGPROB_MAX_ATOL and diff.mean() < LOGPROB_MEAN_ATOL, (prompt, adapter, got, expected)
-    return float((got - _peft_logprobs(model, None, prompt_ids, new_ids)).abs().max())
+    return check
 
 
 def test_models_lists_every_adapter_under_the_base(server):
@@ -124,14 +115,13 @@ def test_models_lists_every_adapter_under_the_base(server):
                                                                      server.model)  # fmt: skip
 
 
-def test_concurrent_requests_over_all_adapters_match_peft(server, peft, tokenizer):
-    model, _ = peft
+def test_concurrent_requests_over_all_adapters_match_peft(server, assert_matches):
     jobs = [(p, a) for a in (None, "rank4-attn", "rank16-all", "rank8-mlp") for p in PROMPTS]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: _ask(server, job[1], job[0]), jobs))
     effect: dict[str, float] = {}
     for (prompt, adapter), answer in zip(jobs, answers, strict=True):
-        moved = _assert_matches(model, tokenizer, prompt, adapter, answer)
+        moved = assert_matches(prompt, adapter, answer)
         if adapter:
             effect[adapter] = max(effect.get(adapter, 0.0), moved)
     # Each adapter moves the answer further than the tolerance: serving the wrong weights
@@ -145,16 +135,16 @@ def test_concurrent_requests_over_all_adapters_match_peft(server, peft, tokenize
     )
 
 
-def test_weighted_adapters_match_peft_cat_combination(server, peft, tokenizer):
+def test_weighted_adapters_match_peft_cat_combination(server, peft, assert_matches):
     model, _ = peft
     model.add_weighted_adapter(["rank4-attn", "rank8-mlp"], [0.5, 1.5], "mix", combination_type="cat")
     answer = _ask(server, adapters=[{"id": "rank4-attn", "weight": 0.5}, {"id": "rank8-mlp", "weight": 1.5}])
-    _assert_matches(model, tokenizer, PROMPTS[0], "mix", answer)
+    assert_matches(PROMPTS[0], "mix", answer)
     model.delete_adapter("mix")
 
 
-def test_replacement_under_load_is_atomic(server, peft, tokenizer):
-    model, root = peft
+def test_replacement_under_load_is_atomic(server, peft, assert_matches):
+    _, root = peft
     before = _ask(server, "rank8-mlp", PROMPTS[1])
     with ThreadPoolExecutor(4) as pool:
         running = [pool.submit(_ask, server, "rank8-mlp", PROMPTS[1], max_tokens=24) for _ in range(2)]
@@ -164,8 +154,8 @@ def test_replacement_under_load_is_atomic(server, peft, tokenizer):
         for f in running:
             f.result()  # in-flight requests finish without error
     after = _ask(server, "rank8-mlp", PROMPTS[1])
-    _assert_matches(model, tokenizer, PROMPTS[1], "rank8-mlp", before)
-    _assert_matches(model, tokenizer, PROMPTS[1], "rank8-mlp-v2", after)
+    assert_matches(PROMPTS[1], "rank8-mlp", before)
+    assert_matches(PROMPTS[1], "rank8-mlp-v2", after)
     # Put the first version back for the other tests.
     with server.http() as http:
         assert _upload(http, "rank8-mlp", _files(root / "rank8-mlp")).status_code == 201

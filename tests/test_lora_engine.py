@@ -96,7 +96,7 @@ def _engine_outputs(folder):
     return results, tok, engine
 
 
-def test_mixed_batch_matches_peft_for_every_adapter(peft_adapters):
+def test_mixed_batch_matches_peft_for_every_adapter(peft_adapters, peft_logprobs):
     folder, peft = peft_adapters
     results, tok, engine = _engine_outputs(folder)
     # More adapters than device slots: some were evicted and loaded again along the way.
@@ -106,10 +106,10 @@ def test_mixed_batch_matches_peft_for_every_adapter(peft_adapters):
     effect = dict.fromkeys(ADAPTERS, 0.0)
     for (prompt, adapter), out in results.items():
         assert out.error is None and len(out.token_ids) == NEW_TOKENS
-        ids = tok.encode(prompt) + list(out.token_ids)
+        prompt_ids = tok.encode(prompt)
         got = torch.tensor([lp.logprob for lp in out.logprobs])
-        base_scores = _peft_logprobs(peft, None, ids, out.token_ids)
-        expected = base_scores if adapter is None else _peft_logprobs(peft, adapter, ids, out.token_ids)
+        base_scores = peft_logprobs(peft, None, prompt_ids, out.token_ids)
+        expected = base_scores if adapter is None else peft_logprobs(peft, adapter, prompt_ids, out.token_ids)
         diff = (got - expected).abs()
         assert diff.max() < LOGPROB_MAX_ATOL and diff.mean() < LOGPROB_MEAN_ATOL, (prompt, adapter, got, expected)
         if adapter is not None:
@@ -117,18 +117,6 @@ def test_mixed_batch_matches_peft_for_every_adapter(peft_adapters):
     # Every adapter moves the logprobs by more than the tolerance, so the agreement above
     # could not come from serving the bare base model instead.
     assert all(e > LOGPROB_MAX_ATOL for e in effect.values()), effect
-
-
-def _peft_logprobs(peft, adapter, ids, new_tokens) -> torch.Tensor:
-    with torch.inference_mode():
-        if adapter is None:
-            with peft.disable_adapter():
-                logits = peft(input_ids=torch.tensor([ids])).logits[0].float()
-        else:
-            peft.set_adapter(adapter)
-            logits = peft(input_ids=torch.tensor([ids])).logits[0].float()
-    scores = torch.log_softmax(logits, -1)[len(ids) - len(new_tokens) - 1 : -1]
-    return scores.gather(1, torch.tensor(new_tokens)[:, None]).squeeze(1)
 
 
 def test_lora_layers_equal_peft_exactly_in_float32(tmp_path):

@@ -196,7 +196,7 @@ class AdapterStore:
 
     def _adapter_dirs(self) -> list[Path]:
         """Folders under root named like adapters; anything else there is left alone."""
-        return [d for d in self.root.iterdir() if d.is_dir() and _is_adapter_id(d.name)]
+        return [d for d in self.root.iterdir() if d.is_dir() and is_adapter_id(d.name)]
 
 
 def _stored(path: Path, meta: dict) -> StoredAdapter:
@@ -211,7 +211,7 @@ def _stored(path: Path, meta: dict) -> StoredAdapter:
     )
 
 
-def _is_adapter_id(name: str) -> bool:
+def is_adapter_id(name: str) -> bool:
     try:
         validate_adapter_id(name)
     except InvalidAdapterId:

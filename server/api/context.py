@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from plait.server.adapters.format import read_adapter
-from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter, validate_adapter_id
+from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter, is_adapter_id
 from plait.server.api.errors import APIError
 from plait.server.engine.adapter_slots import AdapterKey
 from plait.server.engine.engine import Engine
@@ -38,13 +38,13 @@ class ServerContext:
         return (self.adapter_key(requested, "model"),)
 
     def adapter_key(self, adapter_id: str, param: str) -> AdapterKey:
-        stored = self.store.get(adapter_id) if _plausible_id(adapter_id) else None
+        stored = self.store.get(adapter_id) if is_adapter_id(adapter_id) else None
         if stored is None:
             raise APIError(404, f"The model '{adapter_id}' does not exist.", param, "model_not_found")
         return AdapterKey(stored.id, stored.version, stored.path)
 
     def stored_adapter(self, adapter_id: str) -> StoredAdapter:
-        stored = self.store.get(adapter_id) if _plausible_id(adapter_id) else None
+        stored = self.store.get(adapter_id) if is_adapter_id(adapter_id) else None
         if stored is None:
             raise APIError(404, f"No adapter '{adapter_id}'.", "id", "adapter_not_found")
         return stored
@@ -66,14 +66,6 @@ class ServerContext:
 
 def get_context(request: Request) -> ServerContext:
     return request.app.state.context
-
-
-def _plausible_id(adapter_id: str) -> bool:
-    try:
-        validate_adapter_id(adapter_id)
-    except InvalidAdapterId:
-        return False
-    return True
 
 
 def require_api_key(request: Request) -> None:

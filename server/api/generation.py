@@ -136,9 +136,10 @@ async def _collect(handle: RequestHandle, request: Request, fmt: _Format) -> JSO
     await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
     watcher.cancel()
     if not collector.done():
-        collector.cancel()  # closing the output stream aborts the request in the engine
+        collector.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await collector
+        handle.close()  # aborts in the engine, even if the collector never got to start
         return JSONResponse({}, status_code=499)
     outputs = collector.result()
     final = outputs[-1]

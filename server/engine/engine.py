@@ -344,7 +344,11 @@ class Engine:
 
 
 class RequestHandle:
-    """The caller's end of one request: iterate its outputs; abort it if the client goes away."""
+    """The caller's end of one request: iterate its outputs; `close` it when the client goes.
+
+    Closing an unfinished request aborts it in the engine. The handle also closes itself when
+    dropped, which covers a caller cancelled before it ever started reading.
+    """
 
     def __init__(self, engine: Engine, request_id: str, outputs: asyncio.Queue):
         self.engine = engine
@@ -359,8 +363,14 @@ class RequestHandle:
                 self.finished = out.finish_reason is not None
                 yield out
         finally:
-            if not self.finished:
-                self.engine.abort(self.request_id)
+            self.close()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+    __del__ = close
 
 
 def _stop_token_ids(model, tokenizer) -> frozenset[int]:
