@@ -68,6 +68,12 @@ def write_dataset(path: Path, examples: int) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+def run_child(cmd: list[str], workdir: Path) -> None:
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:5])} ... failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
 def run_plait(args, data: Path, workdir: Path, name: str) -> dict:
     output = workdir / name
     cmd = [sys.executable, "-m", "plait.cli", "train", str(data), "-o", str(output), "--max-steps", str(args.steps),
@@ -76,7 +82,7 @@ def run_plait(args, data: Path, workdir: Path, name: str) -> dict:
            "--lora-dropout", "0.05", "--seed", "0"]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model]
-    subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_child(cmd, workdir)
     report = json.loads((output / "training_report.json").read_text())
     timed = [(tokens, seconds) for step, tokens, seconds in report["step_times"] if step > WARMUP_STEPS]
     return {"tokens_per_second": sum(t for t, _ in timed) / sum(s for _, s in timed),
@@ -89,7 +95,7 @@ def run_trainer(args, data: Path, workdir: Path, name: str) -> dict:
            "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model]
-    subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_child(cmd, workdir)
     return json.loads(result.read_text())
 
 
