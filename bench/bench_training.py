@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import subprocess
@@ -30,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_serving import machine  # this folder is on sys.path when run as a script
 
 WORDS = (
     "river", "stone", "lantern", "orbit", "maple", "quiet", "copper", "signal", "harbor", "velvet", "meadow", "prism",
@@ -40,19 +39,6 @@ WORDS = (
 # The first step of a process pays one-off costs (on the CPU, a long bf16 kernel warm-up) that
 # say nothing about training speed; both sides' tokens/s leave it out.
 WARMUP_STEPS = 1
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def write_dataset(path: Path, examples: int) -> None:
