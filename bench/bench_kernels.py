@@ -103,7 +103,7 @@ def make_loop(y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch
     r_max = pool.max_rank
     work = []
     for g, pairs in enumerate(batch.groups):
-        (slot, _), = pairs
+        ((slot, _),) = pairs
         rows = batch.token_index[batch.group_bounds[g] : batch.group_bounds[g + 1]].long()
         mats, col = [], 0
         for s, out in enumerate(pool.out_features):
@@ -221,12 +221,16 @@ def main() -> None:
                   f"{t_triton * 1e6:>10.1f} {t_loop * 1e6:>10.1f} {t_padded * 1e6:>10.1f} "
                   f"{t_loop / t_triton:>7.2f}x {t_padded / t_triton:>6.2f}x {moved / t_triton / 1e9:>7.0f} "
                   f"{100 * moved / bandwidth / t_triton:>7.0f}%")  # fmt: skip
-    print("\nvs loop / vs pad: how many times faster triton is. % floor: the bytes-moved floor time "
-          "(bytes / copy bandwidth) over the triton time.")
+    print(
+        "\nvs loop / vs pad: how many times faster triton is. % floor: the bytes-moved floor time "
+        "(bytes / copy bandwidth) over the triton time."
+    )
     decode = sorted(r[3] for r in results if r[1].phase == "decode")
     worst = min(results, key=lambda r: r[2])
-    print(f"decode shapes: median {decode[len(decode) // 2]:.0f}% of the floor (goal 80%); "
-          f"slowest against the loop: {worst[2]:.2f}x at {worst[0]} {worst[1]} (goal >= 1)")
+    print(
+        f"decode shapes: median {decode[len(decode) // 2]:.0f}% of the floor (goal 80%); "
+        f"slowest against the loop: {worst[2]:.2f}x at {worst[0]} {worst[1]} (goal >= 1)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,7 @@ def _check_x(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> None:
     if x.dtype not in _DTYPES or x.dtype != pool.a.dtype:
         raise TypeError(f"x is {x.dtype} and the pool {pool.a.dtype}; both must be one of fp16, bf16, fp32")
     if x.ndim != 2 or x.shape[1] != pool.in_features or x.shape[0] < batch.num_tokens:
-        raise ValueError(
-            f"x must be [>= {batch.num_tokens}, {pool.in_features}], got {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must be [>= {batch.num_tokens}, {pool.in_features}], got {tuple(x.shape)}")
     if x.device != pool.a.device or x.device != batch.device:
         raise ValueError(f"x on {x.device}, pool on {pool.a.device}, batch on {batch.device}")
 
@@ -95,9 +93,7 @@ def lora_expand(
         reference.expand(y, v, pool, batch)
 
 
-def add_lora(
-    y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch, *, backend: Backend = "auto"
-) -> None:
+def add_lora(y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch, *, backend: Backend = "auto") -> None:
     """Add every token's LoRA delta into y in place: for each (slot, weight) of its row,
     y[t] += weight * scale * (x[t] @ A[slot]^T) @ B[slot]^T, per slice of a fused pool.
 

@@ -17,8 +17,7 @@ from .pool import LoRAPool
 def shrink(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> torch.Tensor:
     """v[p, k, s, :r] = w_k * scale[s, slot_k] * x[token_index[p]] @ A[slot_k, slice s, :r]^T."""
     r_max = pool.max_rank
-    v = torch.zeros(batch.num_active, batch.slots_per_row, pool.n_slices, r_max, dtype=torch.float32,
-                    device=x.device)
+    v = torch.zeros(batch.num_active, batch.slots_per_row, pool.n_slices, r_max, dtype=torch.float32, device=x.device)
     if batch.num_active == 0:
         return v
     ranks, scales = pool.ranks.tolist(), pool.scales.tolist()

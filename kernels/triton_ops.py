@@ -92,7 +92,10 @@ def _shrink_kernel(
 
     acc *= tl.load(group_weights_ptr + pair) * tl.load(scales_ptr + slice_id * num_slots + slot)
     v_ptrs = (
-        v_ptr + offs_m[:, None].to(tl.int64) * stride_vp + (pair % K) * stride_vk + slice_id * stride_vs
+        v_ptr
+        + offs_m[:, None].to(tl.int64) * stride_vp
+        + (pair % K) * stride_vk
+        + slice_id * stride_vs
         + offs_r[None, :]
     )
     mask = m_mask[:, None] & r_mask[None, :]
@@ -289,5 +292,6 @@ def add_lora(
     config: Config | None = None,
 ) -> None:  # fmt: skip
     config = config or pick_config(x, pool, batch, interpret)
-    expand(y, shrink(x, pool, batch, interpret=interpret, config=config), pool, batch, interpret=interpret,
-           config=config)
+    expand(
+        y, shrink(x, pool, batch, interpret=interpret, config=config), pool, batch, interpret=interpret, config=config
+    )

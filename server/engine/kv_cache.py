@@ -68,7 +68,3 @@ class PagedKVCache:
         """Flat slot of each token position in [start, stop) of a sequence owning `block_ids`."""
         bs = self.block_size
         return [block_ids[i // bs] * bs + i % bs for i in range(start, stop)]
-
-    @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

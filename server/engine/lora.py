@@ -78,6 +78,3 @@ class LoRALayers:
         """Segment metadata for the next forward pass (None when no token uses an adapter)."""
         uses_lora = any(s != -1 for s in slots)
         self.step.batch = make_lora_batch(lengths, slots, device=self.device) if uses_lora else None
-
-    def bytes_per_slot(self) -> int:
-        return sum((m.pool.a[0].numel() + m.pool.b[0].numel()) * m.pool.a.element_size() for m in self.modules.values())
