@@ -106,10 +106,9 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without copying the whole sequence (called every step)."""
         n = len(self.prompt_ids)
-        if stop <= n:
-            return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        return self.prompt_ids[start:stop] + self.output_ids[max(start - n, 0) : max(stop - n, 0)]
 
     @property
     def finished(self) -> bool:
