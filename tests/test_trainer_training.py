@@ -85,8 +85,22 @@ def _report(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir, tiny_model) -> Path:
-    assert _train(*_tiny_args(workdir, tiny_model, "uninterrupted")) == 0
+    assert _train(*_tiny_args(workdir, tiny_model, "uninterrupted", "--events", workdir / "events.jsonl")) == 0
     return workdir / "uninterrupted"
+
+
+def test_events_file_has_a_line_per_step_eval_and_checkpoint(workdir, uninterrupted):
+    events = [json.loads(line) for line in (workdir / "events.jsonl").read_text().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds == ["start", "step", "step", "checkpoint", "step", "step", "eval", "done"]
+    assert events[0]["total_steps"] == 4 and events[0]["resumed_from_step"] is None
+    report = _report(uninterrupted)
+    assert [[e["step"], e["train_loss"]] for e in events if e["type"] == "step"] == report["train_loss"]
+    assert [[e["step"], e["eval_loss"]] for e in events if e["type"] == "eval"] == report["eval_loss"]
+    checkpoint = events[3]
+    assert checkpoint["step"] == 2 and checkpoint["path"].endswith("checkpoints/step-00000002")
+    assert events[-1]["adapter"] == str(uninterrupted) and events[-1]["tokens"] == report["tokens"]
+    assert all(isinstance(e["time"], float) for e in events)
 
 
 class Crash(Exception):

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, help="steps between eval-loss measurements (default: only at the end)")
     g.add_argument("--save-every", type=int, help=f"steps between checkpoints, 0 for none (default {d.save_every})")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue from the newest checkpoint")
+    g.add_argument("--events", metavar="PATH", help="append progress to this JSONL file, one object per step, "
+                   "evaluation and checkpoint (what the server's fine-tuning jobs read)")  # fmt: skip
     g = p.add_argument_group("publishing")
     g.add_argument("--publish", metavar="URL", help="upload the adapter to the Plait server at URL when done")
     g.add_argument("--adapter-id", help="id to publish under (default: the output folder's name)")
@@ -161,6 +163,7 @@ def train_adapter(
     from plait.server.base_model import ModelLoadError, default_device, load_tokenizer, resolve_model
     from plait.trainer.loop import train
     from plait.trainer.model import LoraSettings, compute_dtype, load_for_training
+    from plait.trainer.report import EventLog
 
     transformers.utils.logging.disable_progress_bar()  # the training bar is the one to watch
     started = time.perf_counter()
@@ -185,10 +188,16 @@ def train_adapter(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    progress = train(model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config), resume_from)
-    finish(model, progress, config, spec, device, dtype, output, run_dir,
-           examples={"train": len(train_set), "skipped_too_long": skipped, "eval": len(eval_set)},
-           wall_seconds=time.perf_counter() - started, resumed_from=resume_from)  # fmt: skip
+    events = EventLog(config.events)
+    try:
+        progress = train(model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config),
+                         resume_from, events)  # fmt: skip
+        finish(model, progress, config, spec, device, dtype, output, run_dir,
+               examples={"train": len(train_set), "skipped_too_long": skipped, "eval": len(eval_set)},
+               wall_seconds=time.perf_counter() - started, resumed_from=resume_from)  # fmt: skip
+        events("done", adapter=str(output), steps=progress.step, tokens=progress.tokens)
+    finally:
+        events.close()
     _info(f"adapter written to {output} ({progress.step} steps, loss {progress.train_loss[-1][1]:.4f})")
     if config.publish:
         return publish_adapter(config, output)

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_every: int | None = None
     save_every: int = 100
     resume: bool = False
+    events: str | None = None  # JSONL file getting one line per step, evaluation and checkpoint
     # publishing
     publish: str | None = None
     adapter_id: str | None = None
@@ -60,7 +61,8 @@ class TrainConfig:
 
     def training_settings(self) -> dict:
         """The settings that decide the numbers a run produces: a resumed run must match them."""
-        runtime = {"device", "threads", "eval_every", "save_every", "resume", "publish", "adapter_id", "admin_key"}
+        runtime = {"device", "threads", "eval_every", "save_every", "resume", "events", "publish", "adapter_id",
+                   "admin_key"}  # fmt: skip
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime | {"output"}}
 
     def public(self) -> dict:

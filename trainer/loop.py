@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +58,14 @@ def train(
     run_dir: Path,
     settings: dict,
     resume_from: Path | None = None,
+    events: Callable[..., None] | None = None,
 ) -> Progress:
-    """Train `model`'s adapters in place; checkpoints go to run_dir/checkpoints with `settings` in them."""
+    """Train `model`'s adapters in place; checkpoints go to run_dir/checkpoints with `settings` in them.
+
+    `events(kind, **data)`, when given, hears of the start, every step, evaluation and checkpoint
+    (`plait.trainer.report.EventLog` writes them to `--events`).
+    """
+    events = events or (lambda kind, **data: None)
     c = config
     plan = plan_steps(len(train_set), c.batch_size, c.grad_accum, c.epochs, c.max_steps, c.seed)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
@@ -70,6 +77,7 @@ def train(
         saved = load_checkpoint(resume_from, model, optimizer)
         progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
 
+    events("start", total_steps=len(plan), resumed_from_step=progress.step or None, examples=len(train_set))
     model.train()
     bar = tqdm(total=len(plan), initial=progress.step, desc="plait train", unit="step", dynamic_ncols=True)
     segment_tokens, segment_seconds = 0, 0.0  # this process's share, for the bar's tokens/s
@@ -105,15 +113,19 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss / step_targets:.4f}", lr=f"{lr:.2e}",
                         tok_s=f"{segment_tokens / segment_seconds:.0f}")  # fmt: skip
+        events("step", step=progress.step, total_steps=len(plan), train_loss=step_loss / step_targets,
+               learning_rate=lr, tokens=progress.tokens, epochs=round(progress.epochs, 4))  # fmt: skip
 
         last = progress.step == len(plan)
         if eval_set and (last or (config.eval_every and progress.step % config.eval_every == 0)):
             eval_loss = evaluate(model, eval_set, config.batch_size, pad_id, device)
             progress.eval_loss.append([progress.step, eval_loss])
             bar.write(f"step {progress.step}: eval loss {eval_loss:.4f}")
+            events("eval", step=progress.step, eval_loss=eval_loss)
         if config.save_every and progress.step % config.save_every == 0 and not last:
-            save_checkpoint(run_dir, progress.step, model, optimizer,
-                            {**dataclasses.asdict(progress), "settings": settings})  # fmt: skip
+            saved = save_checkpoint(run_dir, progress.step, model, optimizer,
+                                    {**dataclasses.asdict(progress), "settings": settings})  # fmt: skip
+            events("checkpoint", step=progress.step, path=str(saved), train_loss=step_loss / step_targets)
     bar.close()
     return progress
 
