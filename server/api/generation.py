@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from plait.server.adapters.merge import MergeSpec
 from plait.server.api.context import ServerContext, get_context, require_api_key
 from plait.server.api.errors import APIError, error_body
 from plait.server.api.protocol import ChatCompletionRequest, CompletionRequest
+from plait.server.engine.adapter_slots import MergedKey
 from plait.server.engine.engine import EngineBusy, EngineUnavailable, RequestHandle
 from plait.server.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -65,9 +67,12 @@ def _model_and_adapters(ctx: ServerContext, body: ChatCompletionRequest | Comple
     """The model name to answer with, and the (adapter, weight) pairs the request applies.
 
     `model` names the base model or one adapter; the `adapters` extension instead lists
-    several with weights, whose weighted sum of deltas applies (PEFT's `cat` combination).
+    several with weights, combined as `combination` says: by default the weighted sum of
+    their deltas, applied as they are; TIES and DARE as one adapter merged from them.
     """
     if body.adapters is None:
+        if body.combination is not None:
+            raise APIError(400, "'combination' needs 'adapters' to combine.", "combination")
         return body.model or ctx.model_name, tuple((key, 1.0) for key in ctx.resolve_model(body.model))
     if body.model not in (None, ctx.model_name):
         raise APIError(400, "With 'adapters', 'model' must be the base model or left out.", "model")
@@ -75,7 +80,14 @@ def _model_and_adapters(ctx: ServerContext, body: ChatCompletionRequest | Comple
     if len(set(ids)) != len(ids):
         raise APIError(400, "Each adapter may appear once in 'adapters'.", "adapters")
     pairs = tuple((ctx.adapter_key(a.id, f"adapters.{i}.id"), a.weight) for i, a in enumerate(body.adapters))
-    return ctx.model_name, pairs
+    how = body.combination
+    if how is None or how.method in ("linear", "cat"):
+        return ctx.model_name, pairs
+    if how.rank is not None and how.rank > ctx.max_lora_rank:
+        raise APIError(400, f"combination.rank {how.rank} is above this server's --max-lora-rank "
+                       f"{ctx.max_lora_rank}.", "combination.rank")  # fmt: skip
+    spec = MergeSpec(how.method, how.density, how.majority_sign_method, how.rank, how.seed)
+    return ctx.model_name, ((MergedKey(pairs, spec), 1.0),)
 
 
 def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, adapters):

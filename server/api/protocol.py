@@ -39,6 +39,19 @@ class AdapterWeight(_Body):
     weight: float = 1.0
 
 
+class Combination(_Body):
+    """How the adapters of `adapters` combine. `linear` and `cat` are one function here: the
+    weighted sum of full deltas, exact for any ranks (PEFT's `cat`). The others merge the full
+    deltas into one adapter, cut back to `rank` by SVD (PEFT's `ties_svd`, `dare_linear_svd`,
+    `dare_ties_svd`)."""
+
+    method: Literal["linear", "cat", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    rank: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -62,6 +75,8 @@ class _Sampling(_Body):
     return_tokens_as_token_ids: bool = False
     # Extension: several adapters at once, their deltas summed with these weights.
     adapters: Annotated[list[AdapterWeight], Field(min_length=1)] | None = None
+    # Extension: how those adapters combine (default: the weighted sum of their deltas).
+    combination: Combination | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

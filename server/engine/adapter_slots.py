@@ -7,7 +7,9 @@ disk happens on a worker thread, so a request for a cold adapter waits without h
 requests for adapters already resident; the engine is woken when the read is done.
 
 Adapters are keyed by (id, version): a replaced adapter is a new key, so requests already
-running on the old weights finish on them while new requests load the new ones.
+running on the old weights finish on them while new requests load the new ones. A TIES or
+DARE combination of adapters is a key of its own (`MergedKey`): merged on the reader thread
+the first time it is asked for, then cached and evicted like any adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from plait.server.adapters.merge import MergeSpec, merge_adapters
 from plait.server.engine.lora import LoRALayers
 
 log = logging.getLogger("plait.adapters")
@@ -31,6 +34,21 @@ class AdapterKey:
     adapter_id: str
     version: int
     path: Path
+
+
+@dataclass(frozen=True)
+class MergedKey:
+    """Several adapters merged into one by TIES or DARE (see `plait.server.adapters.merge`)."""
+
+    members: tuple[tuple[AdapterKey, float], ...]
+    spec: MergeSpec
+
+    @property
+    def adapter_id(self) -> str:
+        return f"{self.spec.method}({','.join(key.adapter_id for key, _ in self.members)})"
+
+
+SlotKey = AdapterKey | MergedKey
 
 
 class AdapterSlots:
@@ -47,27 +65,27 @@ class AdapterSlots:
         self._load = load
         self._wake = wake
         self._on_event = on_event  # ("load" | "evict", adapter id), for metrics
-        self._slot_of: dict[AdapterKey, int] = {}
-        self._key_in: list[AdapterKey | None] = [None] * layers.num_slots
+        self._slot_of: dict[SlotKey, int] = {}
+        self._key_in: list[SlotKey | None] = [None] * layers.num_slots
         self._pins = [0] * layers.num_slots
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recent first
-        self._cpu: OrderedDict[AdapterKey, object] = OrderedDict()
-        self._reading: dict[AdapterKey, Future] = {}
-        self._failed: dict[AdapterKey, str] = {}
+        self._cpu: OrderedDict[SlotKey, object] = OrderedDict()
+        self._reading: dict[SlotKey, Future] = {}
+        self._failed: dict[SlotKey, str] = {}
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-adapter-read")
 
     @property
     def num_slots(self) -> int:
         return self.layers.num_slots
 
-    def resident(self) -> list[AdapterKey]:
+    def resident(self) -> list[SlotKey]:
         return [k for k in self._key_in if k is not None]
 
-    def failure(self, key: AdapterKey) -> str | None:
+    def failure(self, key: SlotKey) -> str | None:
         """Why `key` could not be read, if it could not; the caller fails its requests."""
         return self._failed.pop(key, None)
 
-    def acquire(self, key: AdapterKey) -> int | None:
+    def acquire(self, key: SlotKey) -> int | None:
         """Pin a slot holding `key`, loading it if needed; None if it is not ready yet."""
         slot = self._slot_of.get(key)
         if slot is None:
@@ -88,7 +106,7 @@ class AdapterSlots:
     def release(self, slot: int) -> None:
         self._pins[slot] -= 1
 
-    def _from_cpu(self, key: AdapterKey):
+    def _from_cpu(self, key: SlotKey):
         adapter = self._cpu.get(key)
         if adapter is not None:
             self._cpu.move_to_end(key)
@@ -96,7 +114,7 @@ class AdapterSlots:
         future = self._reading.get(key)
         if future is None:
             if key not in self._failed:
-                future = self._reader.submit(self._load, key)
+                future = self._reader.submit(self._read, key)
                 future.add_done_callback(lambda _: self._wake())
                 self._reading[key] = future
             return None
@@ -113,6 +131,12 @@ class AdapterSlots:
         while len(self._cpu) > self.max_cpu_adapters:
             self._cpu.popitem(last=False)
         return adapter
+
+    def _read(self, key: SlotKey):
+        if isinstance(key, MergedKey):
+            members = [(self._load(member), weight) for member, weight in key.members]
+            return merge_adapters(members, key.spec, self.layers.modules)
+        return self._load(key)
 
     def _free_slot(self) -> int | None:
         for slot, key in enumerate(self._key_in):

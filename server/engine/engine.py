@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.server.engine.adapter_slots import AdapterKey, AdapterSlots
+from plait.server.engine.adapter_slots import AdapterKey, AdapterSlots, SlotKey
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
@@ -164,7 +164,7 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         streaming: bool = False,
-        adapters: tuple[tuple[AdapterKey, float], ...] = (),
+        adapters: tuple[tuple[SlotKey, float], ...] = (),
     ) -> RequestHandle:
         """Queue a request. Raises EngineBusy past the waiting bound, EngineUnavailable when closed.
 
