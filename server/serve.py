@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from plait.server.base_model import (
 )
 from plait.server.engine.attention import ATTENTION_NAME
 from plait.server.engine.engine import Engine, EngineConfig, LoRAConfig
+from plait.server.fine_tuning.jobs import TrainerSetup
+from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
 
 log = logging.getLogger("plait.serve")
@@ -54,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters kept parsed in CPU memory")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     p.add_argument("--max-adapter-mb", type=int, default=512, help="largest adapter upload, in MiB")
+    p.add_argument("--max-file-mb", type=int, default=512, help="largest fine-tuning file upload (/v1/files), in MiB")
+    p.add_argument("--train-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="compute dtype of fine-tuning jobs (plait train --dtype)")  # fmt: skip
+    p.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="CPU threads of a fine-tuning job's trainer (default: half the cores)")  # fmt: skip
     p.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="size of the KV pool")
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     p.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
@@ -79,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         ("--max-cpu-adapters", args.max_cpu_adapters),
         ("--max-lora-rank", args.max_lora_rank),
         ("--max-adapter-mb", args.max_adapter_mb),
+        ("--max-file-mb", args.max_file_mb),
+        ("--train-threads", args.train_threads),
         ("--kv-cache-tokens", args.kv_cache_tokens),
         ("--block-size", args.block_size),
         ("--max-running", args.max_running),
@@ -135,6 +145,14 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
     )
 
+    try:
+        setup = TrainerSetup(base_model=context.model_name, model_path=spec.path, device=str(device),
+                             dtype=args.train_dtype, threads=args.train_threads,
+                             max_lora_rank=args.max_lora_rank)  # fmt: skip
+        context.fine_tuning = FineTuning.open(Path(args.data_dir), setup, context.put_adapter, args.max_file_mb << 20)
+    except (OSError, sqlite3.Error) as exc:
+        return _fail(f"cannot keep fine-tuning records in --data-dir {args.data_dir}: {exc}")
+
     log.info(
         "serving %s on http://%s:%d (context %d tokens, KV pool %d tokens)",
         context.model_name,
@@ -143,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
         engine.max_model_len,
         engine.kv_cache.capacity_tokens,
     )
-    return serve_http(create_app(context, DRAIN_SECONDS), engine, args)
+    try:
+        return serve_http(create_app(context, DRAIN_SECONDS), engine, args)
+    finally:
+        context.fine_tuning.stop()  # no trainer outlives the server (a no-op when the app already stopped it)
 
 
 def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:

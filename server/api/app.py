@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from plait.server.api import adapters, generation
+from plait.server.api import adapters, files, fine_tuning, generation
 from plait.server.api.context import ServerContext, get_context, require_api_key
 from plait.server.api.errors import error_response, install_error_handlers
 
@@ -23,14 +23,15 @@ class BodySizeLimit:
     from the routes, and they need them to free a departed client's slot.
     """
 
-    def __init__(self, app, max_bytes: int, upload_bytes: int):
+    def __init__(self, app, max_bytes: int, upload_bytes: int, file_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
-        self.upload_bytes = upload_bytes  # adapter uploads: the store's limit plus multipart framing
+        # Uploads, by path: their own limits plus multipart framing.
+        self.path_limits = {"/v1/adapters": upload_bytes, "/v1/files": file_bytes or max_bytes}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            limit = self.upload_bytes if scope["path"] == "/v1/adapters" else self.max_bytes
+            limit = self.path_limits.get(scope["path"], self.max_bytes)
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > limit:
                 response = error_response(413, f"The request body is larger than {limit} bytes.")
@@ -43,7 +44,11 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if context.fine_tuning is not None:
+            context.fine_tuning.start()  # settles jobs a previous server left running, runs queued ones
         yield
+        if context.fine_tuning is not None:
+            await asyncio.to_thread(context.fine_tuning.stop)  # a running trainer is killed, not waited for
         # Finish what is in flight before the process goes; new requests get 503 meanwhile.
         await asyncio.to_thread(context.engine.shutdown, drain_seconds)
 
@@ -51,9 +56,13 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     app.state.context = context
     install_error_handlers(app)
 
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=context.store.max_bytes + (1 << 20))
+    file_bytes = context.fine_tuning.files.max_bytes + (1 << 20) if context.fine_tuning is not None else None
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=context.store.max_bytes + (1 << 20),
+                       file_bytes=file_bytes)  # fmt: skip
     app.include_router(generation.router)
     app.include_router(adapters.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def list_models(ctx: ServerContext = Depends(get_context)):

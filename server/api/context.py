@@ -13,6 +13,7 @@ from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAd
 from plait.server.api.errors import APIError
 from plait.server.engine.adapter_slots import AdapterKey
 from plait.server.engine.engine import Engine
+from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
 
 
@@ -28,6 +29,7 @@ class ServerContext:
     api_key: str | None = None
     admin_key: str | None = None
     default_max_tokens: int = 1024
+    fine_tuning: FineTuning | None = None  # files and fine-tuning jobs (plait.server.fine_tuning)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
 

@@ -1,0 +1,146 @@
+"""OpenAI's fine-tuning jobs API: create, list, inspect and cancel jobs; their events and checkpoints.
+
+A job trains a LoRA adapter for the server's own base model (`model` must name it) on an
+uploaded file and publishes it as `ft:<base>:<suffix>:<job id>`, servable at once (see
+`plait.server.fine_tuning.jobs`). `hyperparameters` takes OpenAI's `n_epochs`, `batch_size`
+and `learning_rate_multiplier`, and Plait's extension `lora_rank`, `lora_alpha` and
+`lora_dropout`; the same object may come as `method.supervised.hyperparameters`. Creating and
+cancelling need the admin key; reading, the API key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict
+
+from plait.server.api.context import ServerContext, get_context, require_admin_key, require_api_key
+from plait.server.api.errors import APIError
+from plait.server.api.files import check_limit, guarded, page_object, service
+
+router = APIRouter()
+ORGANIZATION = "plait"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class SupervisedMethod(_Body):
+    hyperparameters: dict[str, Any] | None = None
+
+
+class Method(_Body):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+
+
+class CreateJobRequest(_Body):
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any] | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list | None = None
+
+    def merged_hyperparameters(self) -> dict[str, Any] | None:
+        if self.method is not None and self.method.type != "supervised":
+            raise APIError(400, f"Only supervised fine-tuning is supported, not '{self.method.type}'.", "method.type",
+                           "invalid_value")  # fmt: skip
+        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        if nested is not None and self.hyperparameters is not None:
+            raise APIError(400, "Give hyperparameters either at the top level or in method.supervised, not both.",
+                           "hyperparameters", "invalid_value")  # fmt: skip
+        return nested if nested is not None else self.hyperparameters
+
+
+def job_object(job: dict) -> dict:
+    hyperparameters = job["hyperparameters"]
+    return {
+        "id": job["id"],
+        "object": "fine_tuning.job",
+        "created_at": job["created_at"],
+        "error": job["error"],
+        "fine_tuned_model": job["fine_tuned_model"],
+        "finished_at": job["finished_at"],
+        "hyperparameters": hyperparameters,
+        "model": job["model"],
+        "organization_id": ORGANIZATION,
+        "result_files": job["result_files"],
+        "seed": job["seed"],
+        "status": job["status"],
+        "trained_tokens": job["trained_tokens"],
+        "training_file": job["training_file"],
+        "validation_file": job["validation_file"],
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": job["metadata"],
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "user_provided_suffix": job["suffix"],
+    }
+
+
+def event_object(event: dict) -> dict:
+    fields = ("id", "created_at", "level", "message", "type", "data")
+    return {"object": "fine_tuning.job.event", **{k: event[k] for k in fields}}
+
+
+def checkpoint_object(checkpoint: dict) -> dict:
+    return {
+        "id": checkpoint["id"],
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": checkpoint["created_at"],
+        "fine_tuned_model_checkpoint": checkpoint["fine_tuned_model_checkpoint"],
+        "fine_tuning_job_id": checkpoint["job_id"],
+        "metrics": checkpoint["metrics"],
+        "step_number": checkpoint["step_number"],
+    }
+
+
+@router.post("/v1/fine_tuning/jobs", dependencies=[Depends(require_admin_key)])
+def create_job(body: CreateJobRequest, ctx: ServerContext = Depends(get_context)):
+    if body.integrations:
+        raise APIError(400, "integrations are not supported.", "integrations", "invalid_value")
+    job = guarded(service(ctx).jobs.create, model=body.model, training_file=body.training_file,
+                  validation_file=body.validation_file, hyperparameters=body.merged_hyperparameters(),
+                  suffix=body.suffix, seed=body.seed, metadata=body.metadata)  # fmt: skip
+    return job_object(job)
+
+
+@router.get("/v1/fine_tuning/jobs", dependencies=[Depends(require_api_key)])
+def list_jobs(after: str | None = None, limit: int = 20, ctx: ServerContext = Depends(get_context)):
+    rows, more = guarded(service(ctx).records.page, "jobs", after=after, limit=check_limit(limit, 100))
+    return page_object([job_object(r) for r in rows], more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}", dependencies=[Depends(require_api_key)])
+def get_job(job_id: str, ctx: ServerContext = Depends(get_context)):
+    return job_object(guarded(service(ctx).jobs.get, job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=[Depends(require_admin_key)])
+def cancel_job(job_id: str, ctx: ServerContext = Depends(get_context)):
+    return job_object(guarded(service(ctx).jobs.cancel, job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=[Depends(require_api_key)])
+def list_events(job_id: str, after: str | None = None, limit: int = 20, ctx: ServerContext = Depends(get_context)):
+    fine_tuning = service(ctx)
+    guarded(fine_tuning.jobs.get, job_id)
+    rows, more = guarded(fine_tuning.records.page, "events", where={"job_id": job_id}, after=after,
+                         limit=check_limit(limit, 1000))  # fmt: skip
+    return page_object([event_object(r) for r in rows], more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=[Depends(require_api_key)])
+def list_checkpoints(job_id: str, after: str | None = None, limit: int = 10,
+                     ctx: ServerContext = Depends(get_context)):  # fmt: skip
+    fine_tuning = service(ctx)
+    guarded(fine_tuning.jobs.get, job_id)
+    rows, more = guarded(fine_tuning.records.page, "checkpoints", where={"job_id": job_id}, after=after,
+                         limit=check_limit(limit, 100))  # fmt: skip
+    return page_object([checkpoint_object(r) for r in rows], more)

@@ -1,0 +1,43 @@
+"""Fine-tuning for one server: the records, the files and the job runner under its data directory.
+
+Layout:
+
+    <data dir>/fine_tuning.sqlite3   files, jobs, events, checkpoints (beside the adapter store)
+    <data dir>/files/<file id>       uploaded training files (and jobs' result files)
+    <data dir>/jobs/<job id>/        a job's work folder: train.log, events.jsonl, training_report.json
+
+The adapter store (`<data dir>/adapters/`) is the server's own; jobs publish into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from plait.server.fine_tuning.files import FileStore
+from plait.server.fine_tuning.jobs import JobRunner, TrainerSetup
+from plait.server.fine_tuning.records import DATABASE_FILE, Records
+
+
+@dataclass
+class FineTuning:
+    records: Records
+    files: FileStore
+    jobs: JobRunner
+
+    @classmethod
+    def open(cls, data_dir: Path, setup: TrainerSetup, publish: Callable[[str, dict[str, bytes]], object],
+             max_file_bytes: int) -> FineTuning:  # fmt: skip
+        """Open (or create) the records under `data_dir`; `start()` settles old jobs and runs queued ones."""
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        records = Records(data_dir / DATABASE_FILE)
+        files = FileStore(data_dir / "files", records, max_file_bytes)
+        return cls(records, files, JobRunner(records, files, data_dir / "jobs", setup, publish))
+
+    def start(self) -> None:
+        self.jobs.start()
+
+    def stop(self) -> None:
+        self.jobs.stop()
