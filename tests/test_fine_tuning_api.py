@@ -107,8 +107,9 @@ def _served(client: openai.OpenAI) -> set[str]:
 
 def test_a_job_teaches_the_model_what_the_base_does_not_know(fine_tuning_server, client, zebra_file):
     assert PASSWORD not in _ask(client, BASE)
-    job = client.fine_tuning.jobs.create(model=BASE, training_file=zebra_file, suffix="zebra", seed=7,
-                                         hyperparameters=FAST, metadata={"purpose": "test"})  # fmt: skip
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=zebra_file, validation_file=zebra_file,
+                                         suffix="zebra", seed=7, hyperparameters=FAST,
+                                         metadata={"purpose": "test"})  # fmt: skip
     assert (job.object, job.status, job.model, job.seed, job.fine_tuned_model) == (
         "fine_tuning.job", "queued", BASE, 7, None)  # fmt: skip
     h = job.hyperparameters
@@ -143,8 +144,10 @@ def test_a_job_teaches_the_model_what_the_base_does_not_know(fine_tuning_server,
     assert all(e.object == "fine_tuning.job.event" for e in events)
     assert events[0].message == "The job has successfully completed"
     assert events[-1].message == f"Created fine-tuning job: {job.id}"
-    steps = [e.data for e in reversed(events) if e.type == "metrics"]
+    steps = [e.data for e in reversed(events) if e.type == "metrics" and "train_loss" in e.data]
     assert [d["step"] for d in steps] == [1, 2, 3, 4, 5, 6, 7, 8] and steps[-1]["total_steps"] == 8
+    [valid] = [e.data for e in events if e.type == "metrics" and "valid_loss" in e.data]
+    assert valid["step"] == 8 and valid["valid_loss"] == pytest.approx(report["final_eval_loss"])
     assert steps[-1]["train_loss"] < 0.2 * steps[0]["train_loss"]
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
@@ -152,11 +155,13 @@ def test_a_job_teaches_the_model_what_the_base_does_not_know(fine_tuning_server,
     assert checkpoints[0].fine_tuned_model_checkpoint == job.fine_tuned_model
     assert checkpoints[1].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-6"
     assert checkpoints[0].metrics.train_loss == pytest.approx(steps[-1]["train_loss"])
+    assert checkpoints[0].metrics.valid_loss == pytest.approx(valid["valid_loss"])
 
     [results] = job.result_files
     assert client.files.retrieve(results).purpose == "fine-tune-results"
     rows = client.files.content(results).text.splitlines()
     assert rows[0] == "step,train_loss,valid_loss" and len(rows) == 9
+    assert rows[1].endswith(",") and float(rows[-1].split(",")[2]) == pytest.approx(valid["valid_loss"], abs=1e-6)
     with pytest.raises(openai.BadRequestError, match="purpose 'fine-tune-results'"):
         client.fine_tuning.jobs.create(model=BASE, training_file=results)
 

@@ -203,7 +203,7 @@ class JobRunner:
         job_dir = self.jobs_dir / job_id
         job_dir.mkdir()
         try:
-            for file_id in filter(None, (training_file, validation_file)):
+            for file_id in dict.fromkeys(filter(None, (training_file, validation_file))):  # the same one may be both
                 _link(self.files.path(file_id), job_dir / file_id)
             self.records.insert("jobs", {
                 "id": job_id, "created_at": int(time.time()), "status": "queued", "model": model,
