@@ -143,6 +143,35 @@ def test_weighted_adapters_match_peft_cat_combination(server, peft, assert_match
     model.delete_adapter("mix")
 
 
+def test_ties_combination_matches_peft_ties_svd(server, peft, assert_matches):
+    """TIES on the full deltas of adapters of different ranks and targets, cut back to rank 16."""
+    model, _ = peft
+    members, weights = ["rank4-attn", "rank16-all"], [2.5, 2.0]
+    model.add_weighted_adapter(members, weights, "ties", combination_type="ties_svd", density=0.5)
+    combination = {"method": "ties", "density": 0.5}
+    answer = _ask(server, prompt=PROMPTS[1], combination=combination,
+                  adapters=[{"id": a, "weight": w} for a, w in zip(members, weights, strict=True)])  # fmt: skip
+    assert assert_matches(PROMPTS[1], "ties", answer) > LOGPROB_MAX_ATOL
+    # The merged adapter takes a slot of its own, named after its members in the metrics.
+    assert server.metric("plait_adapter_loads_total", 'adapter="ties(rank4-attn,rank16-all)"') >= 1
+    model.delete_adapter("ties")
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"combination": {"method": "ties"}}, "combination"),  # nothing to combine
+        ({"adapters": [{"id": "rank4-attn"}], "combination": {"method": "ties", "rank": 64}}, "combination.rank"),
+        ({"adapters": [{"id": "rank4-attn"}], "combination": {"method": "dare_ties", "density": 0}}, "combination"),
+        ({"adapters": [{"id": "rank4-attn"}], "combination": {"method": "average"}}, "combination"),
+    ],
+)
+def test_bad_combinations_are_refused(server, extra, param):
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param), r.json()
+
+
 def test_replacement_under_load_is_atomic(server, peft, assert_matches):
     _, root = peft
     before = _ask(server, "rank8-mlp", PROMPTS[1])
