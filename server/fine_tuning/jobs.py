@@ -274,8 +274,11 @@ class JobRunner:
         env = {k: v for k, v in os.environ.items() if k not in ("PLAIT_API_KEY", "PLAIT_ADMIN_KEY")}
         env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")  # progress comes through the events file
         with self._lock, open(job_dir / LOG_FILE, "ab") as log_file:
-            if self.get(job_id)["status"] != "running" or self._stopping.is_set():
-                return  # cancelled (or the server stopping) between the claim and here
+            if self._stopping.is_set():  # between the claim and here: the job waits for the next start
+                self.records.update("jobs", job_id, status="queued", started_at=None)
+                return
+            if self.get(job_id)["status"] != "running":
+                return  # cancelled meanwhile
             process = subprocess.Popen(self._command(job), cwd=job_dir, env=env, stdin=subprocess.DEVNULL,
                                        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
             self._running = _Running(job_id, process)
@@ -289,16 +292,18 @@ class JobRunner:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            self._record(job, events.read(), progress)
             running = self._running
-            if running.kill_sent is not None and time.monotonic() - running.kill_sent > KILL_GRACE_SECONDS:
+            if running.kill_sent is None:
+                self._record(job, events.read(), progress)
+            elif time.monotonic() - running.kill_sent > KILL_GRACE_SECONDS:
                 _signal_group(process, signal.SIGKILL)
         _signal_group(process, signal.SIGKILL)  # whatever the trainer started dies with it
-        self._record(job, events.read(), progress)
 
         with self._lock:
             self._running = None
             status = self.get(job_id)["status"]
+            if status != "cancelled" and not self._stopping.is_set():
+                self._record(job, events.read(), progress)  # what the trainer wrote last
             if status == "cancelled":
                 log.info("fine-tuning job %s: cancelled", job_id)
             elif self._stopping.is_set():
