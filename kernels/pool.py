@@ -8,7 +8,10 @@ slice, and then `a` and `b` are exactly `[num_slots, max_rank, in]` and
 
 Rank and scale are per (slice, slot): PEFT's `rank_pattern`/`alpha_pattern` may give q and
 v of one adapter different ranks, and an adapter that does not target a slice has rank 0
-there. Rows past a slot's rank hold stale data and are never read.
+there. Entries past a slot's rank (rows of `a`, columns of `b`, a whole slice at rank 0)
+are kept zero by `load` and `clear`: the Triton kernels never read them, and the PyTorch
+path, which pads every slot of a batch to the batch's largest rank, multiplies by them.
+Anything that writes the tensors directly must keep them zero too.
 """
 
 from __future__ import annotations
@@ -97,25 +100,28 @@ class LoRAPool:
         for s, (a_s, b_s) in enumerate(zip(a, b, strict=True)):
             if (a_s is None) != (b_s is None):
                 raise ValueError(f"slice {s}: A and B must both be given or both be None")
-            if a_s is None:
-                ranks.append(0)
-                continue
-            r = a_s.shape[0]
-            if a_s.shape != (r, self.in_features) or b_s.shape != (self.out_features[s], r):
+            r = 0 if a_s is None else a_s.shape[0]
+            if a_s is not None and (a_s.shape != (r, self.in_features) or b_s.shape != (self.out_features[s], r)):
                 raise ValueError(
                     f"slice {s}: A {tuple(a_s.shape)} / B {tuple(b_s.shape)} do not fit "
                     f"in_features={self.in_features}, out_features={self.out_features[s]}"
                 )
-            if not 0 < r <= self.max_rank:
+            if a_s is not None and not 0 < r <= self.max_rank:
                 raise ValueError(f"slice {s}: rank {r} outside 1..{self.max_rank}")
-            lo = s * self.max_rank
-            self.a[slot, lo : lo + r].copy_(a_s)
-            o0 = sum(self.out_features[:s])
-            self.b[slot, o0 : o0 + self.out_features[s], :r].copy_(b_s)
             ranks.append(r)
+        for s, r in enumerate(ranks):
+            lo, o0 = s * self.max_rank, sum(self.out_features[:s])
+            a_rows, b_rows = self.a[slot, lo : lo + self.max_rank], self.b[slot, o0 : o0 + self.out_features[s]]
+            if r:
+                a_rows[:r].copy_(a[s])
+                b_rows[:, :r].copy_(b[s])
+            a_rows[r:].zero_()
+            b_rows[:, r:].zero_()
         self.ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
         self.scales[:, slot] = torch.tensor([float(x) for x in scales], dtype=torch.float32)
 
     def clear(self, slot: int) -> None:
-        """Make `slot` contribute nothing (its weights stay, unread)."""
+        """Make `slot` contribute nothing (rank 0 and zero weights)."""
         self.ranks[:, slot] = 0
+        self.a[slot].zero_()
+        self.b[slot].zero_()

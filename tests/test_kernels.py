@@ -1,12 +1,16 @@
-"""The LoRA kernels (plait.kernels) against a float64 computation and the PyTorch reference.
+"""The LoRA ops (plait.kernels) against a float64 computation and a plain loop.
 
-The Triton kernels run on the CPU through the Triton interpreter (the "triton" backend on
-CPU tensors; see also test_auto_backend_follows_the_environment). Every run draws fresh
-random inputs; the seed is in each failure message and PLAIT_TEST_SEED replays it.
+Both backends are checked: the Triton kernels, run on the CPU through the Triton
+interpreter (the "triton" backend on CPU tensors; see also
+test_auto_backend_follows_the_environment), and the batched PyTorch path (the "reference"
+backend, the CPU serving path). Each is compared with float64 and with `loop_add_lora`
+below, a per-group loop that is obviously right. Every run draws fresh random inputs; the
+seed is in each failure message and PLAIT_TEST_SEED replays it.
 
-Poisoning: pool rows past each slot's rank are NaN (a kernel that reads them produces NaN),
-x rows of tokens without an adapter are NaN, and y starts random so a row the kernel
-forgot keeps its old value and misses the expected delta.
+Poisoning: for the Triton kernels, pool entries past each slot's rank are NaN (a kernel
+that reads them produces NaN); the PyTorch path multiplies by them, so for it they are the
+zeros the pool keeps there. x rows of tokens without an adapter are NaN, and y starts
+random so a row an op forgot keeps its old value and misses the expected delta.
 
 Error bound: max |y - y64| / max |delta64|, where y64 = y0 + delta64 is computed in float64
 from the same (already rounded) inputs. The fp16/bf16 bounds cover the rounding of the
@@ -16,6 +20,7 @@ of y; the fp32 one covers fp32 accumulation order.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -23,7 +28,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from plait.kernels import LoRAPool, add_lora, lora_expand, lora_shrink, make_lora_batch, triton_ops
+from plait.kernels import (
+    LoRABatch,
+    LoRAPool,
+    add_lora,
+    lora_expand,
+    lora_shrink,
+    make_lora_batch,
+    reference,
+    triton_ops,
+)
 from plait.kernels import dispatch as kernel_dispatch
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
@@ -79,6 +93,37 @@ def make_case(
     return Case(pool, adapters, scales, dtype)
 
 
+def poison_past_rank(pool: LoRAPool) -> None:
+    """NaN into every pool entry past a slot's rank: only for ops that promise never to read them (Triton)."""
+    ranks = pool.ranks.tolist()
+    col = 0
+    for s, out in enumerate(pool.out_features):
+        for slot in range(pool.num_slots):
+            r = ranks[s][slot]
+            pool.a[slot, s * pool.max_rank + r : (s + 1) * pool.max_rank] = float("nan")
+            pool.b[slot, col : col + out, r:] = float("nan")
+        col += out
+
+
+def loop_add_lora(y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> None:
+    """The oracle: one float32 matmul pair per (group, pair, slice), each cut to its slot's own rank."""
+    ranks, scales, r_max = pool.ranks.tolist(), pool.scales.tolist(), pool.max_rank
+    rows = batch.token_index.long()
+    delta = torch.zeros(len(rows), pool.total_out, dtype=torch.float32)
+    for g, pairs in enumerate(batch.groups):
+        lo, hi = batch.group_bounds[g], batch.group_bounds[g + 1]
+        xg = x[rows[lo:hi]].float()
+        col = 0
+        for s, out in enumerate(pool.out_features):
+            for slot, weight in pairs:
+                r = ranks[s][slot]
+                a = pool.a[slot, s * r_max : s * r_max + r].float()
+                b = pool.b[slot, col : col + out, :r].float()
+                delta[lo:hi, col : col + out] += weight * scales[s][slot] * (xg @ a.t() @ b.t())
+            col += out
+    y[rows] = (y[rows].float() + delta).to(y.dtype)
+
+
 def pairs_of(spec) -> list[tuple[int, float]]:
     if isinstance(spec, int):
         return [] if spec < 0 else [(spec, 1.0)]
@@ -129,6 +174,8 @@ def bare_rows_of(lengths, specs, order=None) -> list[int]:
 
 
 def run_and_check(gen, case, lengths, specs, backend, order=None, num_tokens=None):
+    if backend == "triton":
+        poison_past_rank(case.pool)
     batch = make_lora_batch(lengths, specs, token_order=order)
     num_tokens = num_tokens or sum(lengths)
     listed = set(range(sum(lengths)) if order is None else order)
@@ -139,10 +186,9 @@ def run_and_check(gen, case, lengths, specs, backend, order=None, num_tokens=Non
     delta = expected_delta(case, x.nan_to_num(), lengths, specs, order)
     assert torch.equal(y[bare], y0[bare]), f"rows without an adapter changed (seed {gen.initial_seed()})"
     assert_close(y, y0, delta, case.dtype, gen, backend)
-    if backend != "reference":
-        y_ref = y0.clone()
-        add_lora(y_ref, x, case.pool, batch, backend="reference")
-        assert_close(y, y0, y_ref.double() - y0.double(), case.dtype, gen, f"{backend} vs reference")
+    y_loop = y0.clone()
+    loop_add_lora(y_loop, x, case.pool, batch)
+    assert_close(y, y0, y_loop.double() - y0.double(), case.dtype, gen, f"{backend} vs loop")
 
 
 # One slice, ranks 4 to 128 in one pool, odd ones included; slot 5 is a second rank-4 adapter.
@@ -211,6 +257,8 @@ def test_token_order_permutation(gen, backend):
 def test_strided_x_and_y_views(gen, backend):
     """x a column slice of a wider activation, y a column window of a wider output buffer."""
     case = make_case(gen, torch.float16, MIXED, in_features=200)  # 200: two reduction tiles
+    if backend == "triton":
+        poison_past_rank(case.pool)
     lengths, specs = [5, 2, 3], [7, -1, [(1, 1.0), (2, 1.0)]]
     batch = make_lora_batch(lengths, specs)
     x_wide = torch.randn(10, 256, generator=gen).half()
@@ -228,6 +276,7 @@ def test_strided_x_and_y_views(gen, backend):
 def test_split_k_and_small_tiles(gen, dtype, split_k):
     """The decode configuration of a GPU (split reduction with atomic adds) under the interpreter."""
     case = make_case(gen, dtype, MIXED, in_features=200)
+    poison_past_rank(case.pool)
     lengths, specs = [1, 1, 1, 2, 1], [7, 0, -1, [(2, 0.5), (6, 0.5)], 3]
     batch = make_lora_batch(lengths, specs)
     x, y0 = random_io(gen, case, 6, [2])
@@ -238,28 +287,38 @@ def test_split_k_and_small_tiles(gen, dtype, split_k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_shrink_then_expand_match_reference_and_ignore_unused_entries(gen, dtype):
-    case = make_case(gen, dtype, MIXED)
-    lengths, specs = [3, 1, 2], [[(7, 0.5), (0, 2.0)], 4, -1]
+def test_shrink_then_expand_meet_the_contract_and_ignore_unused_entries(gen, dtype):
+    case = make_case(gen, dtype, [*MIXED, (0,)])  # slot 8 targets nothing
+    lengths, specs = [3, 1, 2, 2, 70], [[(7, 0.5), (0, 2.0)], 4, -1, 8, [(6, -1.0), (2, 0.5), (8, 1.0)]]
     batch = make_lora_batch(lengths, specs)
-    x, y0 = random_io(gen, case, 6, [4, 5])
-    v = lora_shrink(x, case.pool, batch, backend="triton")
-    v_ref = lora_shrink(x, case.pool, batch, backend="reference")
-    # Compare only the entries the contract defines: k < len(pairs), r < rank.
-    valid = torch.zeros_like(v, dtype=torch.bool)
-    ranks = case.pool.ranks.tolist()
+    x, y0 = random_io(gen, case, 78, [4, 5])
+    # v from the definition, in float64; `valid` marks the entries the contract defines: k < len(pairs), r < rank.
+    want = torch.zeros(batch.num_active, batch.slots_per_row, 1, case.pool.max_rank, dtype=torch.float64)
+    valid = torch.zeros_like(want, dtype=torch.bool)
+    rows = batch.token_index.long()
     for g, pairs in enumerate(batch.groups):
         lo, hi = batch.group_bounds[g], batch.group_bounds[g + 1]
-        for k, (slot, _) in enumerate(pairs):
-            valid[lo:hi, k, 0, : ranks[0][slot]] = True
-    err = ((v - v_ref)[valid].abs().max() / v_ref[valid].abs().max()).item()
-    assert err <= TOLERANCE[torch.float32], f"shrink error {err:.3g} (seed {gen.initial_seed()})"
-    # Expand must not read v past a slot's rank or for padding pairs.
-    v_poisoned = v_ref.masked_fill(~valid, float("nan"))
-    for backend in BACKENDS:
+        for k, (slot, weight) in enumerate(pairs):
+            if case.adapters[slot][0] is not None:
+                a, _ = case.adapters[slot][0]
+                want[lo:hi, k, 0, : a.shape[0]] = weight * case.scales[slot][0] * (x[rows[lo:hi]].double() @ a.t())
+                valid[lo:hi, k, 0, : a.shape[0]] = True
+    done = {}
+    for backend in ("reference", "triton"):  # the Triton kernels also get a pool poisoned past each rank
+        if backend == "triton":
+            poison_past_rank(case.pool)
+        v = lora_shrink(x, case.pool, batch, backend=backend)
+        assert v.shape == want.shape and v.dtype == torch.float32
+        err = ((v.double() - want)[valid].abs().max() / want[valid].abs().max()).item()
+        assert err <= TOLERANCE[torch.float32], f"{backend} shrink error {err:.3g} (seed {gen.initial_seed()})"
+        if backend == "reference":
+            assert not v[~valid].any(), "the PyTorch shrink leaves v zero past each rank"
+        # Expand must not read v past a slot's rank or for padding pairs.
         y = y0.clone()
-        lora_expand(y, v_poisoned, case.pool, batch, backend=backend)
+        lora_expand(y, v.masked_fill(~valid, float("nan")), case.pool, batch, backend=backend)
         assert_close(y, y0, expected_delta(case, x.nan_to_num(), lengths, specs), dtype, gen, backend)
+        done[backend] = y
+    assert_close(done["triton"], y0, done["reference"].double() - y0.double(), dtype, gen, "triton vs reference")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -351,3 +410,88 @@ def test_auto_backend_follows_the_environment(gen, monkeypatch, env):
     add_lora(y_triton, x, case.pool, batch)
     assert calls == [True]
     assert_close(y_triton, y0, expected_delta(case, x, [2], [1]), torch.float32, gen, "auto")
+
+
+def test_pool_keeps_zeros_past_each_rank(gen):
+    """The PyTorch path multiplies by the pool past a slot's rank, so load and clear keep it zero."""
+    pool = LoRAPool.create(3, 24, (20, 12), 16, dtype=torch.float32)
+    pool.a.fill_(float("nan"))
+    pool.b.fill_(float("nan"))
+    pool.load(1, [torch.randn(16, 24, generator=gen), None], [torch.randn(20, 16, generator=gen), None], [1.0, 1.0])
+    pool.load(1, [torch.randn(5, 24, generator=gen), None], [torch.randn(20, 5, generator=gen), None], [1.0, 1.0])
+    assert pool.ranks[:, 1].tolist() == [5, 0]
+    assert not pool.a[1, 5:].any() and not pool.b[1, :, 5:].any() and not pool.b[1, 20:].any()
+    pool.clear(1)
+    assert pool.ranks[:, 1].tolist() == [0, 0] and not pool.a[1].any() and not pool.b[1].any()
+    with pytest.raises(ValueError):  # a bad slice writes nothing, not even the good slices before it
+        pool.load(2, [torch.ones(4, 24), torch.ones(4, 23)], [torch.ones(20, 4), torch.ones(12, 4)], [1.0, 1.0])
+    assert pool.a[2].isnan().all()
+
+
+def random_batch(gen: torch.Generator, num_slots: int):
+    """Segments mixing a prefill or two (some longer than a tile) with decode rows, bare and empty
+    segments, and weighted multi-slot rows; sometimes a token order."""
+    rng = random.Random(int(torch.randint(2**31, (1,), generator=gen)))
+    lengths, specs = [], []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        lengths.append(rng.choice([0, rng.randint(2, 150)]) if kind < 0.2 else 1)
+        if kind < 0.55:
+            specs.append(rng.randrange(num_slots))
+        elif kind < 0.7:
+            specs.append(-1)
+        else:
+            specs.append([(rng.randrange(-1, num_slots), rng.uniform(-2, 2)) for _ in range(rng.randint(1, 3))])
+    lengths[0], specs[0] = max(lengths[0], 1), rng.randrange(num_slots)  # at least one row with an adapter
+    total = sum(lengths)
+    extra = rng.choice([0, 0, 3])
+    order = rng.sample(range(total + extra), total) if rng.random() < 0.4 else None
+    return lengths, specs, order, total + extra
+
+
+@pytest.mark.parametrize("shape", [None, (1, 8), (3, 16), (5, 32), (64, 64)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_path_on_random_batches(gen, monkeypatch, dtype, shape):
+    """The PyTorch path on random batches, with the tile length and rank block width it picks
+    itself and with fixed ones (one row per tile, rank blocks narrower than most ranks, ...)."""
+    if shape is not None:
+        monkeypatch.setattr(reference, "_choose", lambda work, pool: shape)
+    for _ in range(4):
+        fused = bool(torch.randint(2, (1,), generator=gen))
+        outs = (24, 16, 8) if fused else (40,)
+        pick = [0, 4, 12, 16, 33, 64]  # 0: the adapter does not target that slice
+        slot_ranks = [tuple(pick[int(i)] for i in torch.randint(len(pick), (len(outs),), generator=gen))
+                      for _ in range(6)]  # fmt: skip
+        slot_ranks[0] = tuple(r or 8 for r in slot_ranks[0])
+        case = make_case(gen, dtype, slot_ranks, in_features=36, out_features=outs, max_rank=64)
+        lengths, specs, order, num_tokens = random_batch(gen, len(slot_ranks))
+        run_and_check(gen, case, lengths, specs, "reference", order=order, num_tokens=num_tokens)
+
+
+def test_weights_come_from_the_group_weights_tensor(gen):
+    """A copy of the batch with other weights (say, a router's) uses them and the same tile plans."""
+    case = make_case(gen, torch.float32, MIXED)
+    lengths, specs = [4, 1, 3], [[(1, 0.5), (6, 0.5)], 3, [(0, 1.0), (7, 2.0)]]
+    batch = make_lora_batch(lengths, specs)
+    x, y0 = random_io(gen, case, 8, [])
+    add_lora(y0.clone(), x, case.pool, batch, backend="reference")
+    plans = dict(batch.derived)
+    routed = dataclasses.replace(batch, group_weights=torch.tensor([[-1.0, 0.25], [1.0, 0.0], [0.0, 3.0]]))
+    y = y0.clone()
+    add_lora(y, x, case.pool, routed, backend="reference")
+    assert routed.derived is batch.derived and batch.derived == plans  # nothing rebuilt
+    want = expected_delta(case, x, lengths, [[(1, -1.0), (6, 0.25)], 3, [(0, 0.0), (7, 3.0)]])
+    assert_close(y, y0, want, torch.float32, gen, "routed")
+
+
+def test_plans_are_made_once_per_step_and_pool_geometry(gen):
+    case = make_case(gen, torch.float32, MIXED)
+    untargeted = make_case(gen, torch.float32, [(0,)] * len(MIXED))
+    batch = make_lora_batch([2, 1], [5, 6])
+    x, y0 = random_io(gen, case, 3, [])
+    y = y0.clone()
+    for _ in range(2):
+        add_lora(y, x, case.pool, batch, backend="reference")
+        add_lora(y, x, untargeted.pool, batch, backend="reference")
+    assert len(batch.derived) == 3  # the step's rows, one plan, and None for the pool no slot targets
+    assert_close(y, y0, 2 * expected_delta(case, x, [2, 1], [5, 6]), torch.float32, gen, "twice")
