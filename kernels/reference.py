@@ -4,7 +4,7 @@ Same contract as the Triton kernels (see `triton_ops`): `shrink` returns the sca
 low-rank activations `v [num_active, K, n_slices, max_rank]` (float32, zero past each
 rank), `expand` adds `v @ B^T` into y. Arithmetic is float32.
 
-It does the kernels' tiling as batched matmuls: a fixed handful of torch ops per call,
+It runs the kernels' tiling as batched matmuls: a fixed dozen or so torch ops per call,
 whatever the number of adapters. A *block* is what one program of the Triton shrink does:
 a tile of up to `length` token rows of one group, one (slot, weight) pair, one slice, and
 one block of `width` rank rows that starts below that slot's rank. Per call:
@@ -17,14 +17,14 @@ one block of `width` rank rows that starts below that slot's rank. Per call:
     delta[token] += d          one index_add_ (sums rank blocks and the K pairs of a row)
     y[rows] = round(y[rows] + delta)
 
-All index tensors come from a `_Plan`, built once per step and pool geometry and the ranks
-of the batch's slots there, and kept in `batch.derived`; a pool whose slots of this batch all
-have rank 0 costs one `tolist`. The plan picks `length` and `width` with a cost model: long
-tiles pad short groups, narrow rank blocks duplicate x rows, wide ones read past small ranks.
-Rank rows read past a slot's own rank (up to the block's end) are zero in the pool (see
-`LoRAPool`), so they add nothing. Pair weights are read from `batch.group_weights` and scales
-from `pool.scales` at every call, never from the Python mirrors, so either may be swapped for
-another tensor without a new plan.
+The index tensors come from a `_Plan`, made on the first call of a step for a pool geometry
+and the ranks of the batch's slots in that pool, and kept in `batch.derived`; a pool in which
+no slot of the batch has a rank costs a `tolist`. The plan picks `length` and `width` with a
+cost model (`_choose`): long tiles pad short groups, narrow rank blocks repeat x rows and
+gather B in short runs, wide ones read past small ranks. What a block reads past its slot's
+rank is zero in the pool (see `LoRAPool`), so it adds nothing. Pair weights are read from
+`batch.group_weights` and scales from `pool.scales` at every call, never from the Python
+mirrors, so either may be swapped for another tensor without a new plan.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ MAX_TILE_LEN = 64
 """Longest tile: one long prefill group must not pad every other group to its length."""
 MIN_WIDTH = 16
 """Narrowest rank block (when max_rank allows)."""
-X_COST, MAC_COST = 0.75, 0.2
-"""Cost of gathering one x element and of one multiply-add, relative to gathering one adapter
-weight element (which includes its bf16 -> fp32 conversion); measured on a CPU with
-bench/bench_lora_cpu.py. Only their ratios matter."""
+ROW_COST, MAC_COST = 0.75, 0.05
+"""Costs, relative to gathering one adapter weight element (which includes its bf16 -> fp32
+conversion), of gathering one element of x or writing and summing one of the per-block
+deltas (the rows a block reads and writes), and of one multiply-add. Measured on a CPU with
+`bench/bench_lora_cpu.py --sweep`; only the ratios matter."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,14 @@ class _Plan:
     b_blocks: torch.Tensor
     """int64 [blocks]: index into `_b_view(pool, s, width)`, the B columns of each block."""
     pairs: torch.Tensor
-    """int64 [blocks]: index of each block's (group, k) in group_weights.reshape(-1)."""
+    """int64 [blocks]: flat index of each block's (group, k) in group_weights."""
     scale_index: torch.Tensor
-    """int64 [blocks]: index of each block's (slice, slot) in pool.scales.reshape(-1)."""
+    """int64 [blocks]: flat index of each block's (slice, slot) in pool.scales."""
     dest: torch.Tensor
     """int64 [blocks * length]: position in token_index of each block row (num_active on padding)."""
-    slice_bounds: tuple[int, ...]
-    """Blocks are ordered by slice: slice s owns blocks slice_bounds[s]:slice_bounds[s + 1]."""
+    slices: tuple[tuple[int, int, int, int, int, torch.Tensor, torch.Tensor], ...]
+    """Blocks are ordered by slice; per slice with blocks: (slice, first block, end block, first
+    column of y, end column, its b_blocks, its dest)."""
     blocks: tuple[tuple[int, int, int, int, int, int], ...]
     """Python mirror, per block: (first position, rows, k, slice, rank block, rank); for lora_shrink/lora_expand."""
     v_shape: tuple[int, int, int, int]
@@ -162,7 +164,10 @@ def _make_plan(batch: LoRABatch, pool: LoRAPool, step: _Step, ranks: list[list[i
     nb, nr = len(blocks), len(x_rows)
     packed = torch.tensor(x_rows + dest + a_blocks + b_blocks + pairs + scale_index, dtype=torch.int64)
     x_rows_t, dest_t, a_t, b_t, pairs_t, scales_t = packed.to(batch.device).split([nr, nr, nb, nb, nb, nb])
-    return _Plan(length, width, x_rows_t, a_t, b_t, pairs_t, scales_t, dest_t, tuple(slice_bounds), tuple(blocks),
+    cols = list(itertools.accumulate(pool.out_features, initial=0))
+    slices = tuple((s, lo, hi, cols[s], cols[s + 1], b_t[lo:hi], dest_t[lo * length : hi * length])
+                   for s, (lo, hi) in enumerate(itertools.pairwise(slice_bounds)) if hi > lo)  # fmt: skip
+    return _Plan(length, width, x_rows_t, a_t, b_t, pairs_t, scales_t, dest_t, slices, tuple(blocks),
                  (num_active, k_max, n_slices, max_rank))  # fmt: skip
 
 
@@ -173,11 +178,11 @@ def _choose(work: list[tuple[int, int]], pool: LoRAPool) -> tuple[int, int]:
     widths = [w for w in range(1, max_rank + 1) if max_rank % w == 0 and w >= min(MIN_WIDTH, max_rank)]
     widths = [w for w in widths if w < top] + [min(w for w in widths if w >= top)]
     lengths = {min(longest, MAX_TILE_LEN)} | {1 << i for i in range(MAX_TILE_LEN.bit_length()) if 1 << i < longest}
-    fan = pool.in_features + pool.total_out / pool.n_slices
+    fan = pool.in_features + pool.total_out / pool.n_slices  # weights per rank row, and x + delta per token row
 
     def cost(length: int, width: int) -> float:
         blocks = sum(-(-n // length) * -(-r // width) for n, r in work)
-        return blocks * (width * fan + X_COST * length * pool.in_features + MAC_COST * length * width * fan)
+        return blocks * fan * (width + ROW_COST * length + MAC_COST * length * width)
 
     return min(itertools.product(sorted(lengths), widths), key=lambda lw: cost(*lw))
 
@@ -198,23 +203,18 @@ def _shrink_blocks(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch, plan: _Pla
     xb = x.index_select(0, plan.x_rows).float().view(n, plan.length, -1)
     a = pool.a.view(-1, width, pool.in_features).index_select(0, plan.a_blocks).float()
     v = torch.bmm(xb, a.transpose(1, 2))
-    coef = batch.group_weights.reshape(-1).index_select(0, plan.pairs)
-    coef.mul_(pool.scales.reshape(-1).index_select(0, plan.scale_index))
+    coef = batch.group_weights.take(plan.pairs).mul_(pool.scales.take(plan.scale_index))
     return v.mul_(coef.view(n, 1, 1))
 
 
 def _expand_blocks(y: torch.Tensor, v: torch.Tensor, pool: LoRAPool, batch: LoRABatch, plan: _Plan) -> None:
     """y[row] += the sum over its blocks of v_block @ B_block^T, rounding once."""
     delta = torch.zeros(plan.v_shape[0] + 1, pool.total_out, dtype=torch.float32, device=v.device)
-    col = 0
-    for s, (lo, hi) in enumerate(itertools.pairwise(plan.slice_bounds)):
-        width = pool.out_features[s]
-        if hi > lo:
-            b = _b_view(pool, s, plan.width).index_select(0, plan.b_blocks[lo:hi]).float()
-            d = torch.bmm(v[lo:hi], b.transpose(1, 2))  # [blocks, length, out_s]
-            rows = plan.dest[lo * plan.length : hi * plan.length]
-            delta[:, col : col + width].index_add_(0, rows, d.view(-1, width))  # padding lands in the last row
-        col += width
+    for s, lo, hi, col0, col1, b_blocks, dest in plan.slices:
+        b = _b_view(pool, s, plan.width).index_select(0, b_blocks).float()
+        d = torch.bmm(v if hi - lo == plan.num_blocks else v[lo:hi], b.transpose(1, 2))  # [blocks, length, out_s]
+        cols = delta if pool.n_slices == 1 else delta[:, col0:col1]
+        cols.index_add_(0, dest, d.view(-1, col1 - col0))  # padding rows land in the last row
     rows = _step(batch).active_rows
     y.index_copy_(0, rows, y.index_select(0, rows).add_(delta[:-1]))  # a 16-bit add_ of fp32 rounds once
 
@@ -225,7 +225,8 @@ def shrink(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> torch.Tensor:
     plan = _plan_for(batch, pool) if batch.num_active else None
     if plan is None:
         return torch.zeros(shape, dtype=torch.float32, device=x.device)
-    v = torch.zeros(shape[0] * shape[1] * shape[2] * shape[3] // plan.width + 1, plan.width, device=x.device)
+    rows = shape[0] * shape[1] * shape[2] * shape[3] // plan.width
+    v = torch.zeros(rows + 1, plan.width, dtype=torch.float32, device=x.device)
     v.index_copy_(0, plan.v_rows, _shrink_blocks(x, pool, batch, plan).view(-1, plan.width))  # padding: last row
     return v[:-1].view(shape)
 

@@ -442,7 +442,7 @@ def random_batch(gen: torch.Generator, num_slots: int):
             specs.append(-1)
         else:
             specs.append([(rng.randrange(-1, num_slots), rng.uniform(-2, 2)) for _ in range(rng.randint(1, 3))])
-    lengths[0], specs[0] = max(lengths[0], 1), rng.randrange(num_slots)  # at least one row with an adapter
+    lengths[0], specs[0] = max(lengths[0], 1), 0  # at least one row with an adapter (slot 0 has ranks)
     total = sum(lengths)
     extra = rng.choice([0, 0, 3])
     order = rng.sample(range(total + extra), total) if rng.random() < 0.4 else None
