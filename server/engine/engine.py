@@ -30,6 +30,7 @@ from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
 from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
 from plait.server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from plait.server.engine.routing import Router
 from plait.server.engine.sampler import sample
 from plait.server.engine.scheduler import Scheduler
 from plait.server.metrics import Metrics
@@ -165,12 +166,14 @@ class Engine:
         params: SamplingParams,
         streaming: bool = False,
         adapters: tuple[tuple[SlotKey, float], ...] = (),
+        router: Router | None = None,
     ) -> RequestHandle:
         """Queue a request. Raises EngineBusy past the waiting bound, EngineUnavailable when closed.
 
         `adapters` are the (adapter, weight) pairs whose deltas the request's tokens get; none
-        means the bare base model. A streaming request's handle yields an output per step;
-        any other's, the whole at the end.
+        means the bare base model. A `router` (a fusion's) sets those weights per token and
+        layer instead, and the final output reports its average weight per adapter. A
+        streaming request's handle yields an output per step; any other's, the whole at the end.
         """
         if adapters and self.adapter_slots is None:
             raise ValueError("this server was started without adapter support")
@@ -189,6 +192,10 @@ class Engine:
                 raise EngineBusy(f"Too many requests are waiting (limit {self.config.max_waiting}); retry later.")
             self._unfinished += 1
         request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params, adapters=adapters)
+        if router is not None:
+            if not adapters:
+                raise ValueError("a router needs the adapters it routes among")
+            request.router, request.routed = router, torch.zeros(len(adapters))
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         elif not params.greedy:
@@ -306,7 +313,14 @@ class Engine:
                 self.metrics.time_per_output_token.observe((now - req.first_token_at) / (len(req.output_ids) - 1))
         stream.emit(
             RequestOutput(
-                text, tuple(token_ids), tuple(logprobs), reason, len(req.prompt_ids), len(req.output_ids), error
+                text,
+                tuple(token_ids),
+                tuple(logprobs),
+                reason,
+                len(req.prompt_ids),
+                len(req.output_ids),
+                error,
+                req.routing,
             )
         )
 

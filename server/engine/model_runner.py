@@ -53,9 +53,18 @@ class ModelRunner:
             if c.samples:
                 sample_at.append(len(input_ids) - 1)
         attention = build_attention_batch(seq_chunks, self.kv_cache, self.device)
+        routed = []
+        routes: dict[tuple, list[int]] = {}  # chunks of one router over the same slots share a route
         if self.lora is not None:
             # Each chunk is one contiguous segment of the flat batch, using its request's adapters.
-            self.lora.set_segments([c.num_new for c in chunks], [c.request.lora for c in chunks])
+            for i, c in enumerate(chunks):
+                if c.request.router is not None:
+                    routes.setdefault((c.request.router, tuple(c.request.slots)), []).append(i)
+            routed = self.lora.set_segments(
+                [c.num_new for c in chunks],
+                [c.request.lora for c in chunks],
+                [(router, segments) for (router, _), segments in routes.items()],
+            )
         out = self.model(
             input_ids=torch.tensor([input_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
@@ -63,4 +72,7 @@ class ModelRunner:
             use_cache=False,
             plait_attention=attention,
         )
+        for route, segments in zip(routed, routes.values(), strict=True):
+            for i, totals in zip(segments, route.totals.split([chunks[i].num_new for i in segments]), strict=True):
+                chunks[i].request.routed += totals.sum(0).cpu()
         return out.logits[0].float()

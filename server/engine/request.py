@@ -9,6 +9,7 @@ from enum import StrEnum
 import torch
 
 from plait.kernels import SlotSpec
+from plait.server.engine.routing import Router
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    routing: tuple[float, ...] | None = None  # a routed fusion's average weight per member, at the end
 
     @classmethod
     def joined(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -64,6 +66,7 @@ class RequestOutput:
             last.prompt_tokens,
             last.completion_tokens,
             last.error,
+            last.routing,
         )
 
 
@@ -91,13 +94,24 @@ class Request:
     adapters: tuple[tuple[object, float], ...] = ()
     # The device slots pinned for them while the request runs, in the same order.
     slots: list[int] = field(default_factory=list)
+    # A fusion's router, which reweights those adapters per token and layer; None: fixed weights.
+    router: Router | None = None
+    # Routing weights given to each adapter, summed over this request's tokens and layers.
+    routed: torch.Tensor | None = None
+
+    @property
+    def routing(self) -> tuple[float, ...] | None:
+        """The router's average weight per adapter so far (each token and layer's weights sum to 1)."""
+        if self.routed is None or not self.routed.sum():
+            return None
+        return tuple((self.routed / self.routed.sum()).tolist())
 
     @property
     def lora(self) -> SlotSpec:
         """What the LoRA layers apply to this request's tokens: -1, a slot, or weighted slots."""
         if not self.slots:
             return -1
-        if len(self.slots) == 1 and self.adapters[0][1] == 1.0:
+        if len(self.slots) == 1 and self.adapters[0][1] == 1.0 and self.router is None:
             return self.slots[0]
         return [(slot, weight) for slot, (_, weight) in zip(self.slots, self.adapters, strict=True)]
 
