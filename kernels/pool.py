@@ -8,10 +8,11 @@ slice, and then `a` and `b` are exactly `[num_slots, max_rank, in]` and
 
 Rank and scale are per (slice, slot): PEFT's `rank_pattern`/`alpha_pattern` may give q and
 v of one adapter different ranks, and an adapter that does not target a slice has rank 0
-there. Entries past a slot's rank (rows of `a`, columns of `b`, a whole slice at rank 0)
-are kept zero by `load` and `clear`: the Triton kernels never read them, and the PyTorch
-path, which pads every slot of a batch to the batch's largest rank, multiplies by them.
-Anything that writes the tensors directly must keep them zero too.
+there. In a slice a slot targets, the rows of `a` and columns of `b` past its rank are zero
+(`load` writes the zeros): the Triton kernels never read them, but the PyTorch path reads
+up to the end of a rank block and multiplies by them. A slice at rank 0 (untargeted, or a
+cleared slot) is never read by either, so its stale weights may stay. Anything that writes
+the tensors directly must keep the same promise.
 """
 
 from __future__ import annotations
@@ -110,18 +111,16 @@ class LoRAPool:
                 raise ValueError(f"slice {s}: rank {r} outside 1..{self.max_rank}")
             ranks.append(r)
         for s, r in enumerate(ranks):
-            lo, o0 = s * self.max_rank, sum(self.out_features[:s])
-            a_rows, b_rows = self.a[slot, lo : lo + self.max_rank], self.b[slot, o0 : o0 + self.out_features[s]]
             if r:
+                lo, o0 = s * self.max_rank, sum(self.out_features[:s])
+                a_rows, b_rows = self.a[slot, lo : lo + self.max_rank], self.b[slot, o0 : o0 + self.out_features[s]]
                 a_rows[:r].copy_(a[s])
+                a_rows[r:].zero_()
                 b_rows[:, :r].copy_(b[s])
-            a_rows[r:].zero_()
-            b_rows[:, r:].zero_()
+                b_rows[:, r:].zero_()
         self.ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
         self.scales[:, slot] = torch.tensor([float(x) for x in scales], dtype=torch.float32)
 
     def clear(self, slot: int) -> None:
-        """Make `slot` contribute nothing (rank 0 and zero weights)."""
+        """Make `slot` contribute nothing (its weights stay, unread)."""
         self.ranks[:, slot] = 0
-        self.a[slot].zero_()
-        self.b[slot].zero_()

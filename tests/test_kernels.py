@@ -413,19 +413,29 @@ def test_auto_backend_follows_the_environment(gen, monkeypatch, env):
 
 
 def test_pool_keeps_zeros_past_each_rank(gen):
-    """The PyTorch path multiplies by the pool past a slot's rank, so load and clear keep it zero."""
+    """The PyTorch path reads a targeted slice up to the end of a rank block, so load writes zeros there."""
     pool = LoRAPool.create(3, 24, (20, 12), 16, dtype=torch.float32)
     pool.a.fill_(float("nan"))
     pool.b.fill_(float("nan"))
     pool.load(1, [torch.randn(16, 24, generator=gen), None], [torch.randn(20, 16, generator=gen), None], [1.0, 1.0])
     pool.load(1, [torch.randn(5, 24, generator=gen), None], [torch.randn(20, 5, generator=gen), None], [1.0, 1.0])
     assert pool.ranks[:, 1].tolist() == [5, 0]
-    assert not pool.a[1, 5:].any() and not pool.b[1, :, 5:].any() and not pool.b[1, 20:].any()
-    pool.clear(1)
-    assert pool.ranks[:, 1].tolist() == [0, 0] and not pool.a[1].any() and not pool.b[1].any()
+    assert not pool.a[1, 5:16].any() and not pool.b[1, :20, 5:].any()
     with pytest.raises(ValueError):  # a bad slice writes nothing, not even the good slices before it
         pool.load(2, [torch.ones(4, 24), torch.ones(4, 23)], [torch.ones(20, 4), torch.ones(12, 4)], [1.0, 1.0])
     assert pool.a[2].isnan().all()
+    # Untargeted slices and cleared slots keep their stale weights (NaN here) and are never read.
+    case = make_case(
+        gen, torch.float32, [(8, 0, 4), (16, 12, 0)], in_features=24, out_features=(20, 12, 8), max_rank=16
+    )
+    case.pool.a[0, 16:32] = float("nan")
+    case.pool.b[0, 20:32] = float("nan")
+    case.pool.clear(1)
+    case.pool.a[1] = float("nan")
+    x, y0 = random_io(gen, case, 3, [])
+    y = y0.clone()
+    add_lora(y, x, case.pool, make_lora_batch([2, 1], [0, 1]), backend="reference")
+    assert_close(y, y0, expected_delta(case, x, [2], [0]), torch.float32, gen, "stale")
 
 
 def random_batch(gen: torch.Generator, num_slots: int):
