@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
+from plait.server.adapters.fusions import FusionStore
 from plait.server.adapters.store import AdapterStore
 from plait.server.base_model import (
     ModelLoadError,
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     targets = base_lora_targets(model)  # before the engine wraps those layers
     try:
         store = AdapterStore(Path(args.data_dir) / "adapters", max_bytes=args.max_adapter_mb << 20)
+        fusions = FusionStore(Path(args.data_dir) / "fusions")
     except OSError as exc:
         return _fail(f"cannot use --data-dir {args.data_dir}: {exc}")
     lora = LoRAConfig(
@@ -138,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or spec.name,
         metrics=metrics,
         store=store,
+        fusions=fusions,
         lora_targets=targets,
         max_lora_rank=args.max_lora_rank,
         api_key=args.api_key,

@@ -74,8 +74,7 @@ async def get_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)
 
 @router.delete("/v1/adapters/{adapter_id}", dependencies=[Depends(require_admin_key)])
 async def delete_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
-    ctx.stored_adapter(adapter_id)
-    await asyncio.to_thread(ctx.store.delete, adapter_id)
+    await asyncio.to_thread(ctx.delete_adapter, adapter_id)
     return {"id": adapter_id, "object": "adapter", "deleted": True}
 
 
@@ -105,8 +104,7 @@ async def load_lora_adapter(body: LoadLoRARequest, ctx: ServerContext = Depends(
 
 @router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin_key)])
 async def unload_lora_adapter(body: UnloadLoRARequest, ctx: ServerContext = Depends(get_context)):
-    ctx.stored_adapter(body.lora_name)
-    await asyncio.to_thread(ctx.store.delete, body.lora_name)
+    await asyncio.to_thread(ctx.delete_adapter, body.lora_name)
     return {"id": body.lora_name, "object": "adapter", "deleted": True}
 
 

@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from plait.server.api import adapters, files, fine_tuning, generation
+from plait.server.api import adapters, files, fine_tuning, fusions, generation
 from plait.server.api.context import ServerContext, get_context, require_api_key
 from plait.server.api.errors import error_response, install_error_handlers
 
@@ -27,7 +27,11 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
         # Uploads, by path: their own limits plus multipart framing.
-        self.path_limits = {"/v1/adapters": upload_bytes, "/v1/files": file_bytes or max_bytes}
+        self.path_limits = {
+            "/v1/adapters": upload_bytes,
+            "/v1/files": file_bytes or max_bytes,
+            "/v1/fusions": fusions.MAX_ROUTER_BYTES + (1 << 20),
+        }
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -63,6 +67,7 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    app.include_router(fusions.router)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def list_models(ctx: ServerContext = Depends(get_context)):
@@ -77,7 +82,9 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
         }
         served = [{**adapters.adapter_object(a, ctx.model_name), "object": "model", "root": ctx.model_name}
                   for a in ctx.store.list()]  # fmt: skip
-        return {"object": "list", "data": [base, *served]}
+        fused = [{**fusions.fusion_object(f, ctx.model_name), "object": "model", "root": ctx.model_name}
+                 for f in ctx.fusions.list()]  # fmt: skip
+        return {"object": "list", "data": [base, *served, *fused]}
 
     @app.get("/health")
     async def health(ctx: ServerContext = Depends(get_context)):

@@ -9,12 +9,25 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from plait.server.adapters.format import read_adapter
+from plait.server.adapters.fusions import Fusion, FusionStore
 from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter, is_adapter_id
 from plait.server.api.errors import APIError
-from plait.server.engine.adapter_slots import AdapterKey
+from plait.server.engine.adapter_slots import AdapterKey, SlotKey
 from plait.server.engine.engine import Engine
+from plait.server.engine.routing import Router, arrow_router, read_learned_router
 from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one request runs: the name it answers as, its (adapter, weight) pairs, and for a
+    fusion, the record and (unless its weights are fixed) the router that reweights them."""
+
+    model: str
+    adapters: tuple[tuple[SlotKey, float], ...] = ()
+    router: Router | None = None
+    fusion: Fusion | None = None
 
 
 @dataclass
@@ -24,6 +37,7 @@ class ServerContext:
     model_name: str
     metrics: Metrics
     store: AdapterStore
+    fusions: FusionStore
     lora_targets: dict[str, tuple[int, int]]
     max_lora_rank: int
     api_key: str | None = None
@@ -32,12 +46,32 @@ class ServerContext:
     fine_tuning: FineTuning | None = None  # files and fine-tuning jobs (plait.server.fine_tuning)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
+    _routers: dict[tuple, Router] = field(default_factory=dict, repr=False)
 
-    def resolve_model(self, requested: str | None) -> tuple[AdapterKey, ...]:
-        """The adapters a `model` field names: none for the base model (or when omitted)."""
+    def resolve_model(self, requested: str | None) -> Served:
+        """What a `model` field names: the base model (or nothing), an adapter, or a fusion."""
         if requested is None or requested == self.model_name:
-            return ()
-        return (self.adapter_key(requested, "model"),)
+            return Served(self.model_name)
+        fusion = self.fusions.get(requested)
+        if fusion is None:
+            return Served(requested, ((self.adapter_key(requested, "model"), 1.0),))
+        keys = tuple(self.adapter_key(member, "model") for member in fusion.members)
+        if fusion.weights is not None:
+            return Served(requested, tuple(zip(keys, fusion.weights, strict=True)), fusion=fusion)
+        return Served(requested, tuple((key, 1.0) for key in keys), self._router(fusion, keys), fusion)
+
+    def _router(self, fusion: Fusion, keys: tuple[AdapterKey, ...]) -> Router:
+        """A fusion's router for these member versions, built once (reading every member)."""
+        cache_key = (fusion.id, fusion.created, keys)
+        router = self._routers.get(cache_key)
+        if router is None:
+            members = [read_adapter(key.path, self.lora_targets, self.max_lora_rank) for key in keys]
+            if fusion.router == "arrow":
+                router = arrow_router(members, fusion.top_k, fusion.temperature)
+            else:
+                router = read_learned_router(fusion.router_file, members, fusion.top_k, fusion.temperature)
+            router = self._routers[cache_key] = router.to(self.engine.device)
+        return router
 
     def adapter_key(self, adapter_id: str, param: str) -> AdapterKey:
         stored = self.store.get(adapter_id) if is_adapter_id(adapter_id) else None
@@ -55,9 +89,20 @@ class ServerContext:
         """Validate against this base model and store; raises the store's format errors."""
         if adapter_id == self.model_name:
             raise InvalidAdapterId(f"'{adapter_id}' is the base model's name")
+        if self.fusions.get(adapter_id) is not None:
+            raise InvalidAdapterId(f"'{adapter_id}' is a fusion's name")
         return self.store.put(
             adapter_id, files, lambda folder: read_adapter(folder, self.lora_targets, self.max_lora_rank)
         )
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        """Remove an adapter from the store, unless a fusion still uses it."""
+        self.stored_adapter(adapter_id)
+        users = self.fusions.using(adapter_id)
+        if users:
+            raise APIError(409, f"The adapter '{adapter_id}' is a member of the fusion(s) {', '.join(users)}; "
+                           "delete those first.", "id", "adapter_in_use")  # fmt: skip
+        self.store.delete(adapter_id)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from plait.server.adapters.merge import MergeSpec
-from plait.server.api.context import ServerContext, get_context, require_api_key
+from plait.server.api.context import Served, ServerContext, get_context, require_api_key
 from plait.server.api.errors import APIError, error_body
 from plait.server.api.protocol import ChatCompletionRequest, CompletionRequest
 from plait.server.engine.adapter_slots import MergedKey
@@ -25,7 +25,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
-    model, adapters = _model_and_adapters(ctx, body)
+    served = await asyncio.to_thread(_resolve, ctx, body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
         prompt_ids = ctx.tokenizer.apply_chat_template(
@@ -35,9 +35,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: S
         raise APIError(
             400, f"The messages cannot be formatted with the model's chat template: {exc}", "messages"
         ) from None
-    handle = _submit(ctx, prompt_ids, body, adapters)
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    fmt = _ChatFormat(ctx, response_id, model, body.return_tokens_as_token_ids)
+    handle = _submit(ctx, prompt_ids, body, served)
+    fmt = _ChatFormat(ctx, f"chatcmpl-{uuid.uuid4().hex}", served, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
@@ -45,7 +44,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: S
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
-    model, adapters = _model_and_adapters(ctx, body)
+    served = await asyncio.to_thread(_resolve, ctx, body)
     prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
     if isinstance(prompt, str):
         prompt_ids = ctx.tokenizer.encode(prompt)
@@ -56,24 +55,23 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
         prompt_ids = list(prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", "prompt")
-    handle = _submit(ctx, prompt_ids, body, adapters)
-    fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", model, body.return_tokens_as_token_ids)
+    handle = _submit(ctx, prompt_ids, body, served)
+    fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", served, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
 
 
-def _model_and_adapters(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest):
-    """The model name to answer with, and the (adapter, weight) pairs the request applies.
-
-    `model` names the base model or one adapter; the `adapters` extension instead lists
-    several with weights, combined as `combination` says: by default the weighted sum of
-    their deltas, applied as they are; TIES and DARE as one adapter merged from them.
-    """
+def _resolve(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest) -> Served:
+    """What the request runs: `model` names the base model, an adapter or a fusion; the
+    `adapters` extension instead lists several adapters with weights, combined as
+    `combination` says: by default the weighted sum of their deltas, applied as they are;
+    TIES and DARE as one adapter merged from them. Runs off the event loop: the first
+    request for a routed fusion reads its members to build the router."""
     if body.adapters is None:
         if body.combination is not None:
             raise APIError(400, "'combination' needs 'adapters' to combine.", "combination")
-        return body.model or ctx.model_name, tuple((key, 1.0) for key in ctx.resolve_model(body.model))
+        return ctx.resolve_model(body.model)
     if body.model not in (None, ctx.model_name):
         raise APIError(400, "With 'adapters', 'model' must be the base model or left out.", "model")
     ids = [a.id for a in body.adapters]
@@ -82,15 +80,15 @@ def _model_and_adapters(ctx: ServerContext, body: ChatCompletionRequest | Comple
     pairs = tuple((ctx.adapter_key(a.id, f"adapters.{i}.id"), a.weight) for i, a in enumerate(body.adapters))
     how = body.combination
     if how is None or how.method in ("linear", "cat"):
-        return ctx.model_name, pairs
+        return Served(ctx.model_name, pairs)
     if how.rank is not None and how.rank > ctx.max_lora_rank:
         raise APIError(400, f"combination.rank {how.rank} is above this server's --max-lora-rank "
                        f"{ctx.max_lora_rank}.", "combination.rank")  # fmt: skip
     spec = MergeSpec(how.method, how.density, how.majority_sign_method, how.rank, how.seed)
-    return ctx.model_name, ((MergedKey(pairs, spec), 1.0),)
+    return Served(ctx.model_name, ((MergedKey(pairs, spec), 1.0),))
 
 
-def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, adapters):
+def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, served: Served):
     limit = ctx.engine.max_model_len
     room = limit - len(prompt_ids)
     if room < 1:
@@ -123,7 +121,9 @@ def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionReque
         ignore_eos=body.ignore_eos,
     )
     try:
-        return ctx.engine.submit(prompt_ids, params, streaming=body.stream, adapters=adapters)
+        return ctx.engine.submit(
+            prompt_ids, params, streaming=body.stream, adapters=served.adapters, router=served.router
+        )
     except EngineBusy as exc:
         raise APIError(429, str(exc), code="rate_limit_exceeded") from None
     except EngineUnavailable as exc:
@@ -205,14 +205,24 @@ class _Format:
     object_full: str
     object_chunk: str
 
-    def __init__(self, ctx: ServerContext, response_id: str, model: str, tokens_as_ids: bool = False):
+    def __init__(self, ctx: ServerContext, response_id: str, served: Served, tokens_as_ids: bool = False):
         self.token_text: Callable[[int], str] = (lambda i: f"token_id:{i}") if tokens_as_ids else ctx.token_text
         self.id = response_id
-        self.model = model
+        self.served = served
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.served.model, "choices": choices}
+
+    def fusion(self, final: RequestOutput) -> dict:
+        """Extension on a fusion's last answer: the weight each member got, averaged over the
+        request's tokens and layers (a fixed-weights fusion: its weights)."""
+        fusion = self.served.fusion
+        if fusion is None:
+            return {}
+        weights = fusion.weights if fusion.weights is not None else final.routing
+        members = [{"id": m, "weight": w} for m, w in zip(fusion.members, weights or (), strict=False)]
+        return {"fusion": {"id": fusion.id, "router": fusion.router, "top_k": fusion.top_k, "members": members}}
 
     def usage_chunk(self, final: RequestOutput) -> dict:
         return {**self._envelope(self.object_chunk, []), "usage": _usage(final)}
@@ -222,7 +232,7 @@ class _Format:
         text = "".join(o.text for o in outputs)
         logprobs = [lp for o in outputs for lp in o.logprobs]
         choice = self.choice(text, logprobs, final)
-        return {**self._envelope(self.object_full, [choice]), "usage": _usage(final)}
+        return {**self._envelope(self.object_full, [choice]), "usage": _usage(final), **self.fusion(final)}
 
     def first_chunk(self) -> dict: ...
     def chunk(self, out: RequestOutput) -> dict: ...
@@ -262,7 +272,7 @@ class _ChatFormat(_Format):
             "logprobs": self._logprobs(out.logprobs, bool(out.logprobs)),
             "finish_reason": out.finish_reason.value if out.finish_reason else None,
         }
-        return self._envelope(self.object_chunk, [choice])
+        return {**self._envelope(self.object_chunk, [choice]), **(self.fusion(out) if out.finish_reason else {})}
 
     def choice(self, text: str, logprobs: list[TokenLogprob], final: RequestOutput) -> dict:
         return {
@@ -302,7 +312,7 @@ class _CompletionFormat(_Format):
             "logprobs": self._logprobs(out.logprobs, 0),
             "finish_reason": out.finish_reason.value if out.finish_reason else None,
         }
-        return self._envelope(self.object_chunk, [choice])
+        return {**self._envelope(self.object_chunk, [choice]), **(self.fusion(out) if out.finish_reason else {})}
 
     def choice(self, text: str, logprobs: list[TokenLogprob], final: RequestOutput) -> dict:
         return {

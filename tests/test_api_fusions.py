@@ -1,0 +1,196 @@
+"""Fusions through the HTTP API: create, serve, report member weights, refuse bad ones, persist.
+
+Member adapters are written directly in PEFT's format for the embedded model's shapes
+(random, non-zero), so no PEFT model has to be built here; what routing computes is
+checked against PEFT and a direct computation in test_fusion_routing.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save, save_file
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+HIDDEN, KV, LAYERS = 576, 192, 30
+MEMBERS = ["skill-a", "skill-b", "skill-c"]
+NEW_TOKENS = 5
+PROMPT = "The capital of France is"
+
+
+def _write_adapter(folder: Path, seed: int, base: str = "SmolLM2-135M-Instruct", rank: int = 4) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(LAYERS):
+        for module, out in (("q_proj", HIDDEN), ("v_proj", KV)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=generator) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.05
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+              "bias": "none", "base_model_name_or_path": base}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _upload(http, adapter_id: str, folder: Path):
+    files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+    return http.post("/v1/adapters", data={"id": adapter_id}, files=files, headers=ADMIN)
+
+
+@pytest.fixture(scope="module")
+def server(launch_module_server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("members")
+    s = launch_module_server("--admin-key", "admin-secret")
+    with s.http() as http:
+        for i, name in enumerate(MEMBERS):
+            _write_adapter(root / name, seed=i)
+            assert _upload(http, name, root / name).status_code == 201
+        _write_adapter(root / "other-base", seed=9, base="SomeOtherModel-1B")
+        assert _upload(http, "other-base", root / "other-base").status_code == 201
+    s.members_root = root
+    return s
+
+
+def _create(http, body, headers=ADMIN):
+    return http.post("/v1/fusions", json=body, headers=headers)
+
+
+def _ask(server, model, stream=False, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": NEW_TOKENS,
+            "temperature": 0, "logprobs": True, "ignore_eos": True, **extra}  # fmt: skip
+    if not stream:
+        r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json={**body, "stream": True},
+                      timeout=300) as r:  # fmt: skip
+        lines = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return lines
+
+
+def _logprobs(answer) -> torch.Tensor:
+    return torch.tensor([t["logprob"] for t in answer["choices"][0]["logprobs"]["content"]])
+
+
+def test_arrow_fusion_is_a_model_and_reports_member_weights(server):
+    with server.http() as http:
+        r = _create(http, {"id": "arrow-mix", "members": MEMBERS, "router": "arrow", "top_k": 2})
+        assert r.status_code == 201, r.text
+        assert r.json()["members"] == MEMBERS and r.json()["top_k"] == 2
+        assert http.get("/v1/fusions/arrow-mix").json()["router"] == "arrow"
+        assert "arrow-mix" in [f["id"] for f in http.get("/v1/fusions").json()["data"]]
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert models["arrow-mix"]["parent"] == server.model
+    answer = _ask(server, "arrow-mix")
+    assert answer["model"] == "arrow-mix"
+    report = answer["fusion"]
+    assert report["router"] == "arrow" and [m["id"] for m in report["members"]] == MEMBERS
+    weights = torch.tensor([m["weight"] for m in report["members"]])
+    assert abs(weights.sum() - 1) < 1e-4 and (weights >= 0).all()
+    assert (weights > 0).sum() >= 2  # top-2 per token: at least two members got weight somewhere
+    # The stream ends with the same report on the chunk that finishes.
+    chunks = _ask(server, "arrow-mix", stream=True)
+    final = [c for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
+    assert final and final[0]["fusion"]["members"] == report["members"]
+
+
+def test_weights_fusion_equals_the_same_weighted_request(server):
+    with server.http() as http:
+        r = _create(http, {"id": "fixed-mix", "members": MEMBERS[:2], "router": "weights", "weights": [0.8, -0.5]})
+        assert r.status_code == 201, r.text
+    fused = _ask(server, "fixed-mix")
+    direct = _ask(server, None, adapters=[{"id": MEMBERS[0], "weight": 0.8}, {"id": MEMBERS[1], "weight": -0.5}])
+    assert fused["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    torch.testing.assert_close(_logprobs(fused), _logprobs(direct))
+    assert [m["weight"] for m in fused["fusion"]["members"]] == [0.8, -0.5]
+
+
+def test_one_member_fusion_equals_its_adapter(server):
+    with server.http() as http:
+        assert _create(http, {"id": "solo", "members": [MEMBERS[2]], "router": "arrow"}).status_code == 201
+    fused, alone, base = _ask(server, "solo"), _ask(server, MEMBERS[2]), _ask(server, server.model)
+    torch.testing.assert_close(_logprobs(fused), _logprobs(alone))
+    assert fused["fusion"]["members"] == [{"id": MEMBERS[2], "weight": 1.0}]
+    assert (_logprobs(alone) - _logprobs(base)).abs().max() > 1e-3  # the adapter does something
+
+
+def test_learned_router_uploads_with_its_gates(server):
+    gates = {}
+    for layer in range(LAYERS):
+        for module in ("q_proj", "v_proj"):
+            path = f"model.layers.{layer}.self_attn.{module}"
+            gates[f"{path}.weight"] = torch.zeros(2, HIDDEN)
+            gates[f"{path}.bias"] = torch.tensor([1.0, -1.0])  # with top_k 1: always the first member
+    fusion = {"id": "learned-mix", "members": MEMBERS[:2], "router": "learned", "top_k": 1}
+    with server.http() as http:
+        r = http.post("/v1/fusions", data={"fusion": json.dumps(fusion)}, headers=ADMIN,
+                      files={"router_weights": ("router.safetensors", save(gates))})  # fmt: skip
+        assert r.status_code == 201, r.text
+        wrong = {k: (v[:, :10].contiguous() if v.ndim == 2 else v) for k, v in gates.items()}
+        r = http.post("/v1/fusions", data={"fusion": json.dumps({**fusion, "id": "learned-bad"})}, headers=ADMIN,
+                      files={"router_weights": ("router.safetensors", save(wrong))})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "router_weights", r.text
+    fused = _ask(server, "learned-mix")
+    assert fused["fusion"]["members"] == [{"id": MEMBERS[0], "weight": 1.0}, {"id": MEMBERS[1], "weight": 0.0}]
+    torch.testing.assert_close(_logprobs(fused), _logprobs(_ask(server, MEMBERS[0])))
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"id": "f1", "members": ["skill-a", "nope"], "router": "arrow"}, 400, "members.1"),
+        ({"id": "f2", "members": MEMBERS, "router": "arrow", "top_k": 4}, 400, "top_k"),
+        ({"id": "f3", "members": MEMBERS, "router": "arrow", "top_k": 0}, 400, "top_k"),
+        ({"id": "f4", "members": MEMBERS[:2], "router": "weights", "weights": [1.0]}, 400, "weights"),
+        ({"id": "f5", "members": MEMBERS[:2], "router": "weights"}, 400, "weights"),
+        ({"id": "f6", "members": MEMBERS[:2], "router": "learned"}, 400, "router_weights"),
+        ({"id": "f7", "members": MEMBERS[:2], "router": "magic"}, 400, "router"),
+        ({"id": "f8", "members": ["skill-a", "skill-a"], "router": "arrow"}, 400, "members"),
+        ({"id": "f9", "members": ["skill-a", "other-base"], "router": "arrow"}, 400, "members"),
+        ({"id": "../up", "members": MEMBERS, "router": "arrow"}, 400, "id"),
+        ({"id": "skill-a", "members": MEMBERS, "router": "arrow"}, 409, "id"),
+        ({"id": "f10", "members": [], "router": "arrow"}, 400, "members"),
+    ],
+)
+def test_bad_fusions_are_refused(server, body, status, param):
+    with server.http() as http:
+        r = _create(http, body)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param, r.json()
+        assert http.get(f"/v1/fusions/{body['id']}").status_code == 404 or body["id"] == "skill-a"
+    assert not [p for p in (server.log_path.parent.glob("data-*/fusions/.*"))]  # nothing half-written
+
+
+def test_admin_key_and_conflicts(server):
+    with server.http() as http:
+        assert _create(http, {"id": "nokey", "members": MEMBERS, "router": "arrow"}, headers={}).status_code == 401
+        assert http.delete("/v1/fusions/arrow-mix").status_code == 401
+        assert _create(http, {"id": "dup", "members": MEMBERS, "router": "arrow"}).status_code == 201
+        assert _create(http, {"id": "dup", "members": MEMBERS, "router": "arrow"}).status_code == 409
+        # A member of a fusion cannot be deleted, nor can an adapter take a fusion's name.
+        r = http.delete(f"/v1/adapters/{MEMBERS[2]}", headers=ADMIN)
+        assert r.status_code == 409 and "dup" in r.json()["error"]["message"]
+        r = _upload(http, "dup", server.members_root / MEMBERS[0])
+        assert r.status_code == 400 and "fusion" in r.json()["error"]["message"]
+        assert http.delete("/v1/fusions/dup", headers=ADMIN).status_code == 200
+        assert http.get("/v1/fusions/dup").status_code == 404
+        assert http.delete("/v1/fusions/dup", headers=ADMIN).status_code == 404
+
+
+def test_fusions_survive_a_restart(server, launch_server):
+    with server.http() as http:
+        r = _create(http, {"id": "kept", "members": MEMBERS, "router": "arrow", "top_k": 1, "temperature": 0.5})
+        assert r.status_code == 201
+        before = _ask(server, "kept")
+    data_dir = next(Path(server.log_path.parent).glob("data-*"))
+    again = launch_server("--data-dir", str(data_dir))
+    with again.http() as http:
+        kept = http.get("/v1/fusions/kept").json()
+    assert kept["members"] == MEMBERS and kept["top_k"] == 1 and kept["temperature"] == 0.5
+    after = _ask(again, "kept")
+    assert after["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
