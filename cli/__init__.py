@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "serve": ("plait.server.serve", "start the OpenAI-compatible server"),
     "train": ("plait.trainer.cli", "fine-tune a LoRA adapter with QLoRA"),
+    "train-router": ("plait.trainer.router_cli", "train a learned router for a fusion of adapters"),
 }
 
 

@@ -1,7 +1,8 @@
-"""`--publish`: upload a finished adapter to a running Plait server."""
+"""`--publish`: upload a finished adapter, or a learned fusion, to a running Plait server."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -19,27 +20,37 @@ def publish(
     base_url: str, adapter_id: str, folder: Path, admin_key: str | None, transport: httpx.BaseTransport | None = None
 ) -> dict:
     """POST the adapter files to {base_url}/v1/adapters as multipart; returns the server's JSON reply."""
+    handles = [(folder / name).open("rb") for name in ADAPTER_FILES]
+    try:
+        files = [("files", (name, handle, "application/octet-stream"))
+                 for name, handle in zip(ADAPTER_FILES, handles, strict=True)]  # fmt: skip
+        return _post(base_url, "adapters", {"id": adapter_id}, files, admin_key, transport)
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def publish_fusion(
+    base_url: str, fusion: dict, router_file: Path, admin_key: str | None, transport: httpx.BaseTransport | None = None
+) -> dict:
+    """POST a learned fusion (its record as JSON, its gates as a file) to {base_url}/v1/fusions."""
+    with router_file.open("rb") as handle:
+        files = [("router_weights", (router_file.name, handle, "application/octet-stream"))]
+        return _post(base_url, "fusions", {"fusion": json.dumps(fusion)}, files, admin_key, transport)
+
+
+def _post(base_url: str, route: str, data: dict, files: list, admin_key: str | None, transport) -> dict:
     url = base_url.rstrip("/")
     if not url.endswith("/v1"):
         url += "/v1"
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-    handles = [(folder / name).open("rb") for name in ADAPTER_FILES]
     try:
         with httpx.Client(transport=transport, timeout=TIMEOUT_SECONDS) as client:
-            response = client.post(
-                f"{url}/adapters",
-                data={"id": adapter_id},
-                files=[("files", (name, handle, "application/octet-stream")) for name, handle in
-                       zip(ADAPTER_FILES, handles, strict=True)],
-                headers=headers,
-            )  # fmt: skip
+            response = client.post(f"{url}/{route}", data=data, files=files, headers=headers)
     except httpx.HTTPError as exc:
         raise PublishError(f"cannot reach {url}: {exc}") from None
-    finally:
-        for handle in handles:
-            handle.close()
     if response.is_error:
-        raise PublishError(f"{url}/adapters answered {response.status_code}: {_error_message(response)}")
+        raise PublishError(f"{url}/{route} answered {response.status_code}: {_error_message(response)}")
     try:
         return response.json()
     except ValueError:
