@@ -216,8 +216,9 @@ def test_a_real_run_on_the_embedded_model(workdir):
         [sys.executable, "-m", "plait.cli", "train", "train.jsonl", "-o", output.name, "--eval-file", "eval.jsonl",
          "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-3", "--max-seq-len", "48",
          "--warmup-steps", "0", "--save-every", "2", "--publish", "http://127.0.0.1:1",
-         # fp32 compute: bf16 on the CPU pays a one-off warm-up of 20 to 70 s in its first step
-         "--dtype", "float32"],
+         # fp32 compute: bf16 on the CPU pays a one-off warm-up of 20 to 70 s in its first step; one
+         # thread: two on a busy two-core machine made steps 5-10x slower (OpenMP oversubscription)
+         "--dtype", "float32", "--threads", "1"],
         cwd=workdir, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     # Training succeeded, publishing to a closed port did not: status 1, and the adapter stays.
