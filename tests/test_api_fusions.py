@@ -8,6 +8,8 @@ checked against PEFT and a direct computation in test_fusion_routing.py.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -194,3 +196,47 @@ def test_fusions_survive_a_restart(server, launch_server):
     assert kept["members"] == MEMBERS and kept["top_k"] == 1 and kept["temperature"] == 0.5
     after = _ask(again, "kept")
     assert after["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
+
+
+def _skill_data(path: Path, prompt: str, n: int = 6) -> Path:
+    words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "ocean", "garden"]
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"{prompt} {words[i]} {words[-1 - i]}", "completion": words[i]}) + "\n")
+    return path
+
+
+def test_train_router_publishes_a_fusion_that_routes_by_skill(server, tmp_path):
+    """`plait train-router --publish` end to end: the learned fusion sends each skill's prompts
+    mostly to that skill's adapter."""
+    data = {"skill-a": _skill_data(tmp_path / "a.jsonl", "Reverse the words:"),
+            "skill-b": _skill_data(tmp_path / "b.jsonl", "SHOUT THIS NOW:")}  # fmt: skip
+    cmd = [sys.executable, "-m", "plait.cli", "train-router", "--output", str(tmp_path / "router"), "--dtype",
+           "float32", "--epochs", "3", "--max-examples", "6", "--fusion-id", "routed", "--publish", server.base_url,
+           "--admin-key", "admin-secret"]  # fmt: skip
+    for name, path in data.items():
+        cmd += ["--adapter", f"{name}={server.members_root / name}", "--data", f"{name}={path}"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"router.safetensors", "fusion.json", "report.json"} <= {p.name for p in (tmp_path / "router").iterdir()}
+    with server.http() as http:
+        fusion = http.get("/v1/fusions/routed").json()
+    assert fusion["router"] == "learned" and fusion["members"] == list(data)
+    for i, (name, path) in enumerate(data.items()):
+        prompt = json.loads(path.read_text().splitlines()[0])["prompt"]
+        body = {"model": "routed", "messages": [{"role": "user", "content": prompt}], "max_tokens": 3}
+        weights = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300).json()["fusion"]
+        assert weights["members"][i]["weight"] > 0.5, (name, weights)
+
+
+def test_train_router_refuses_bad_arguments_before_loading_anything(tmp_path):
+    base = [sys.executable, "-m", "plait.cli", "train-router", "--output", str(tmp_path / "r")]
+    data = _skill_data(tmp_path / "a.jsonl", "Hi")
+    for extra, message in [
+        (["--adapter", "a=x", "--data", "b=" + str(data)], "same members"),
+        (["--adapter", "a", "--data", "a=" + str(data)], "ID=PATH"),
+        (["--adapter", f"a={tmp_path}", "--data", f"a={data}", "--top-k", "2"], "--top-k"),
+        (["--adapter", f"a={tmp_path}", "--data", f"a={data}"], "no adapter_config.json"),
+    ]:
+        done = subprocess.run(base + extra, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)

@@ -3,10 +3,13 @@
 The gate of a layer scores each member from the layer's input, `x·rowᵢ + biasᵢ`, the same
 way the server's `learned` router does (plait.server.engine.routing). It is trained as a
 classifier: every token of an example from member i's data should score member i highest.
-The hidden states it learns from are the ones the fused model will see when routing is
-right, so each example runs with its own member adapter active (the oracle), through PEFT on
-the same NF4 base the server runs. The base and the adapters stay frozen; only the gates
-learn, from inputs captured by forward pre-hooks, so no gradient flows through the model.
+It learns from the hidden states of the bare NF4 base the server runs, not of the base with
+member i's adapter on: those carry the adapter's own signature, which a gate learns to read
+instead of the prompt (seen: it then routed a whole request by whichever member won the
+first layers). On the bare base, tokens every skill shares (the chat template's preamble)
+look the same for every member and are learnt as a tie, as they should be. The base stays
+frozen; only the gates learn, from inputs captured by forward pre-hooks, so no gradient
+flows through the model.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ class Gates(torch.nn.Module):
 
 def train_router(
     model,
-    member_names: Sequence[str],
     gates: Gates,
     examples: Sequence[RouterExample],
     epochs: int,
@@ -62,10 +64,10 @@ def train_router(
     seed: int,
     on_step: Callable[[int, int, float], None] = lambda step, total, loss: None,
 ) -> float:
-    """Train `gates` on `examples` with `model` (a PeftModel holding every member under its
-    name); returns the share of (token, layer) pairs routed to the right member at the end."""
+    """Train `gates` on `examples` with `model` (the base causal LM); returns the share of
+    (token, layer) pairs routed to the right member in the last epoch."""
     device = next(gates.parameters()).device
-    modules = {path: model.base_model.model.get_submodule(path) for path in gates.paths}
+    modules = {path: model.get_submodule(path) for path in gates.paths}
     optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
     captured: list[tuple[int, torch.Tensor]] = []
     hooks = [
@@ -80,7 +82,6 @@ def train_router(
             rng.shuffle(order)
             for example in order:
                 captured.clear()
-                model.set_adapter(member_names[example.member])
                 with torch.no_grad():
                     model(input_ids=torch.tensor([example.input_ids], device=device))
                 losses = []

@@ -5,7 +5,8 @@
                        --publish http://localhost:8000 --fusion-id skills --top-k 1
 
 Each member comes with a few examples of its own data (the formats `plait train` reads);
-the router learns, per layer, which member's data a token belongs to. The output folder gets
+the router learns, per layer, which member's data a token belongs to (see
+plait.trainer.router). The adapters themselves are only read for the layers they adapt. The output folder gets
 `router.safetensors` (the gates), `fusion.json` (the members in the gates' order and the
 routing settings) and `report.json`; `--publish` creates the fusion on the server from them.
 """
@@ -82,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
 def _train(args, members: dict[str, str], examples: dict, output: Path, fusion: dict) -> dict:
     import torch
     import transformers
-    from peft import PeftModel
     from tqdm import tqdm
 
     from plait.server.adapters.format import base_lora_targets, read_adapter
@@ -107,7 +107,7 @@ def _train(args, members: dict[str, str], examples: dict, output: Path, fusion: 
             tokens = tokenize_conversation(tokenizer, example.messages, args.max_seq_len)
             if tokens is not None:
                 chosen.append(RouterExample(index, tokens.input_ids))
-    _info(f"loading {spec.name} with {len(members)} adapters on {device}")
+    _info(f"loading {spec.name} on {device}")
     base = load_nf4_model(spec, device, compute_dtype(device, args.dtype))
     targets = base_lora_targets(base)
     adapters = {name: read_adapter(Path(folder), targets, max_rank=1 << 16) for name, folder in members.items()}
@@ -115,17 +115,14 @@ def _train(args, members: dict[str, str], examples: dict, output: Path, fusion: 
     gates = Gates({p: targets[p][0] for p in paths},
                   {p: [p in a.modules for a in adapters.values()] for p in paths}).to(device)  # fmt: skip
     names = list(members)
-    model = PeftModel.from_pretrained(base, members[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(members[name], adapter_name=name)
-    model.eval()
+    base.eval()
     with tqdm(total=args.epochs * len(chosen), desc="router", unit="example", file=sys.stderr) as bar:
 
         def on_step(step: int, total: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
-        accuracy = train_router(model, names, gates, chosen, args.epochs, args.lr, args.seed, on_step)
+        accuracy = train_router(base, gates, chosen, args.epochs, args.lr, args.seed, on_step)
     staging = output.with_name(output.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     save_router(gates, staging / ROUTER_FILE)

@@ -216,7 +216,7 @@ class _Format:
 
     def fusion(self, final: RequestOutput) -> dict:
         """Extension on a fusion's last answer: the weight each member got, averaged over the
-        request's tokens and layers (a fixed-weights fusion: its weights)."""
+        layers and the tokens whose logits chose the answer (a fixed-weights fusion: its weights)."""
         fusion = self.served.fusion
         if fusion is None:
             return {}

@@ -72,7 +72,10 @@ class ModelRunner:
             use_cache=False,
             plait_attention=attention,
         )
+        # A request's routing report counts the tokens whose logits pick its answer's tokens:
+        # the prompt's shared preamble (a chat template's) says nothing about the answer.
         for route, segments in zip(routed, routes.values(), strict=True):
             for i, totals in zip(segments, route.totals.split([chunks[i].num_new for i in segments]), strict=True):
-                chunks[i].request.routed += totals.sum(0).cpu()
+                if chunks[i].samples:
+                    chunks[i].request.routed += totals[-1].cpu()
         return out.logits[0].float()

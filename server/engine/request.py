@@ -96,7 +96,8 @@ class Request:
     slots: list[int] = field(default_factory=list)
     # A fusion's router, which reweights those adapters per token and layer; None: fixed weights.
     router: Router | None = None
-    # Routing weights given to each adapter, summed over this request's tokens and layers.
+    # Routing weights given to each adapter, summed over layers and over the tokens whose
+    # logits chose this request's output tokens.
     routed: torch.Tensor | None = None
 
     @property
