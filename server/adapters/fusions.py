@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from plait.server.adapters.store import _write_durably, validate_adapter_id
+from plait.server.adapters.store import validate_adapter_id, write_durably
 
 RouterKind = Literal["weights", "arrow", "learned"]
 ROUTERS: tuple[RouterKind, ...] = ("weights", "arrow", "learned")
@@ -89,9 +89,9 @@ class FusionStore:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
         try:
             stored = Fusion(**{**fusion.record(), "created": int(time.time())}, path=self.root / fusion.id)
-            _write_durably(staging / RECORD, json.dumps(stored.record(), indent=2).encode())
+            write_durably(staging / RECORD, json.dumps(stored.record(), indent=2).encode())
             if router_weights is not None:
-                _write_durably(staging / ROUTER_WEIGHTS, router_weights)
+                write_durably(staging / ROUTER_WEIGHTS, router_weights)
             with self._lock:
                 if stored.path.exists():
                     raise FileExistsError(f"a fusion named {fusion.id!r} exists; delete it first")

@@ -109,7 +109,7 @@ class AdapterStore:
         staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.root))
         try:
             for name, data in files.items():
-                _write_durably(staging / name, data)
+                write_durably(staging / name, data)
             adapter = validate(staging)
             with self._lock:
                 self._last_version += 1
@@ -121,7 +121,7 @@ class AdapterStore:
                     "target_modules": list(adapter.target_modules),
                     "size_bytes": sum(len(data) for data in files.values()),
                 }
-                _write_durably(staging / META, json.dumps(meta).encode())
+                write_durably(staging / META, json.dumps(meta).encode())
                 _fsync_dir(staging)
                 return self._publish(staging, meta)
         finally:
@@ -241,7 +241,7 @@ def _remove_versions(adapter_dir: Path, keep: set[int | None]) -> None:
             shutil.rmtree(adapter_dir / f"v{version}", ignore_errors=True)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
