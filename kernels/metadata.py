@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -52,10 +52,6 @@ class LoRABatch:
     """Tokens in the largest group: sizes the kernel grid and picks decode or prefill tiles."""
     slots_per_row: int
     """K, the most (slot, weight) pairs any group has; 1 when no row mixes adapters."""
-    derived: dict = field(default_factory=dict, repr=False)
-    """What a backend derives from the layout on first use (the PyTorch path's tile plans),
-    kept for the step. A `dataclasses.replace` copy shares it, so a copy may swap
-    `group_weights` (say, per-layer router weights) but must not change the token layout."""
 
     @property
     def num_groups(self) -> int:

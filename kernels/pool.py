@@ -8,11 +8,8 @@ slice, and then `a` and `b` are exactly `[num_slots, max_rank, in]` and
 
 Rank and scale are per (slice, slot): PEFT's `rank_pattern`/`alpha_pattern` may give q and
 v of one adapter different ranks, and an adapter that does not target a slice has rank 0
-there. In a slice a slot targets, the rows of `a` and columns of `b` past its rank are zero
-(`load` writes the zeros): the Triton kernels never read them, but the PyTorch path reads
-up to the end of a rank block and multiplies by them. A slice at rank 0 (untargeted, or a
-cleared slot) is never read by either, so its stale weights may stay. Anything that writes
-the tensors directly must keep the same promise.
+there. Neither backend reads a slot's weights past its rank in a slice, nor a slice at
+rank 0 (untargeted, or a cleared slot), so what lies there is left as it was.
 """
 
 from __future__ import annotations
@@ -113,11 +110,8 @@ class LoRAPool:
         for s, r in enumerate(ranks):
             if r:
                 lo, o0 = s * self.max_rank, sum(self.out_features[:s])
-                a_rows, b_rows = self.a[slot, lo : lo + self.max_rank], self.b[slot, o0 : o0 + self.out_features[s]]
-                a_rows[:r].copy_(a[s])
-                a_rows[r:].zero_()
-                b_rows[:, :r].copy_(b[s])
-                b_rows[:, r:].zero_()
+                self.a[slot, lo : lo + r].copy_(a[s])
+                self.b[slot, o0 : o0 + self.out_features[s], :r].copy_(b[s])
         self.ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
         self.scales[:, slot] = torch.tensor([float(x) for x in scales], dtype=torch.float32)
 
