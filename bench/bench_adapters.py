@@ -1,10 +1,12 @@
 """Multi-adapter serving throughput, S-LoRA style, side by side in one run.
 
-    python bench/bench_adapters.py [--adapters 1 8 64] [--requests 48] [--concurrency 16]
+    python bench/bench_adapters.py [--adapters 1 8 64 512] [--requests 48] [--concurrency 16]
 
 For each N, one request stream: adapters drawn with power-law (Zipf, s=1) popularity over N
-adapters of mixed ranks (8-64, on q/k/v/o), every request generating exactly --max-tokens
-tokens. The same stream goes through
+adapters of mixed ranks (8-64, on q/k/v/o, bf16), every request generating exactly
+--max-tokens tokens. Plait runs with --gpu-slots device slots (default: one per request in
+flight, which on a CPU costs only memory) and a CPU cache that holds every adapter, as
+S-LoRA keeps every adapter in host memory. The same stream goes through
   - Plait (`plait serve` over HTTP, --concurrency requests in flight),
   - the naive approach people run today: one PeftModel holding every adapter, `set_adapter`
     and `generate` per request, one at a time,
@@ -43,8 +45,9 @@ def make_adapters(root: Path, n: int, targets: dict[str, tuple[int, int]], seed:
         for path, (fan_in, fan_out) in targets.items():
             if path.rsplit(".", 1)[-1] in TARGETS:
                 key = f"base_model.model.{path}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=rng) / fan_in**0.5
-                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=rng) * 0.01
+                a = torch.randn(rank, fan_in, generator=rng) / fan_in**0.5
+                tensors[f"{key}.lora_A.weight"] = a.bfloat16()
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=rng) * 0.01).bfloat16()
         folder = root / name
         folder.mkdir(parents=True)
         save_file(tensors, folder / "adapter_model.safetensors")
@@ -96,7 +99,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--gpu-slots", type=int, default=8, help="plait serve --max-gpu-adapters")
+    p.add_argument("--gpu-slots", type=int, default=16, help="plait serve --max-gpu-adapters")
+    p.add_argument("--cpu-adapters", type=int, help="plait serve --max-cpu-adapters (default: the largest N)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -114,7 +118,9 @@ def main() -> None:
     names = make_adapters(work / "adapters", max(args.adapters), targets, args.seed)
 
     server_args = argparse.Namespace(model=None, threads=None)
-    proc, url = start_server(server_args, "--max-gpu-adapters", str(args.gpu_slots), "--data-dir", str(work / "data"))
+    cpu_adapters = args.cpu_adapters or max(args.adapters)
+    proc, url = start_server(server_args, "--max-gpu-adapters", str(args.gpu_slots), "--max-cpu-adapters",
+                             str(cpu_adapters), "--data-dir", str(work / "data"))  # fmt: skip
     rows = []
     try:
         for name in names:
@@ -123,11 +129,13 @@ def main() -> None:
                            timeout=120)  # fmt: skip
             r.raise_for_status()
         plait_throughput(url, zipf_stream(names[:2], 4, 0), 4, 4, True)  # warm-up
-        peft_model = PeftModel.from_pretrained(base, work / "adapters" / names[0], adapter_name=names[0])
+        # Adapters stay bf16 in PEFT too (by default it widens them to fp32), like Plait's pools.
+        peft_model = PeftModel.from_pretrained(base, work / "adapters" / names[0], adapter_name=names[0],
+                                               autocast_adapter_dtype=False)  # fmt: skip
         loaded = 1
         for n in args.adapters:
             for name in names[loaded:n]:
-                peft_model.load_adapter(work / "adapters" / name, adapter_name=name)
+                peft_model.load_adapter(work / "adapters" / name, adapter_name=name, autocast_adapter_dtype=False)
             loaded = max(loaded, n)
             stream = zipf_stream(names[:n], args.requests, args.seed + n)
             with_lora = plait_throughput(url, stream, args.max_tokens, args.concurrency, True)
@@ -140,7 +148,7 @@ def main() -> None:
         proc.wait(timeout=60)
 
     print(f"\n{args.requests} requests x {args.max_tokens} tokens, Zipf popularity, ranks {RANKS}, "
-          f"{args.concurrency} in flight, {args.gpu_slots} device slots\n")  # fmt: skip
+          f"{args.concurrency} in flight, {args.gpu_slots} device slots, {cpu_adapters} cached in CPU\n")  # fmt: skip
     print(f"{'N':>5} {'plait tok/s':>12} {'no-adapter tok/s':>17} {'naive tok/s':>12} {'vs no-adapter':>14} "
           f"{'vs naive':>9}")  # fmt: skip
     for n, with_lora, bare, naive in rows:

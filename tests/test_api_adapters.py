@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -201,8 +202,15 @@ def test_archive_upload_get_and_delete(server, peft):
         assert r.status_code == 201, r.text
         info = http.get("/v1/adapters/zipped").json()
         assert info["rank"] == 4 and info["target_modules"] == ["q_proj", "v_proj"]
+        r = http.post("/v1/completions", json={"model": "zipped", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200 and server.metric("plait_adapter_loads_total", 'adapter="zipped"') == 1
         assert http.delete("/v1/adapters/zipped", headers=ADMIN).json()["deleted"] is True
         assert http.get("/v1/adapters/zipped").status_code == 404
+        # The engine lets go of its slot at once instead of leaving it to age out.
+        deadline = time.monotonic() + 10
+        while server.metric("plait_adapter_evictions_total", 'adapter="zipped"') < 1:
+            assert time.monotonic() < deadline, "a deleted adapter kept its device slot"
+            time.sleep(0.05)
         r = http.post("/v1/completions", json={"model": "zipped", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 

@@ -1,12 +1,17 @@
-"""The engine's parts on their own: KV blocks, scheduling and preemption, detokenizing with stops."""
+"""The engine's parts on their own: KV blocks, scheduling and preemption, detokenizing with
+stops, adapter slots."""
 
 from __future__ import annotations
+
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from plait.server.base_model import resolve_model
+from plait.server.engine.adapter_slots import AdapterKey, AdapterSlots
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
 from plait.server.engine.request import Request, SamplingParams
@@ -136,3 +141,49 @@ def test_text_that_only_looks_like_a_stop_is_released(tokenizer):
 def test_earliest_of_several_stops_wins(tokenizer):
     deltas, _ = _feed(tokenizer, "one two three four", ("four", "two"))
     assert "".join(deltas) == "one "
+
+
+class _Layers:
+    """What AdapterSlots needs of LoRALayers: slots to load into."""
+
+    num_slots = 2
+    modules: dict = {}
+
+    def load(self, slot: int, modules) -> None:
+        pass
+
+
+def _ready_slot(slots: AdapterSlots, key) -> int:
+    """Acquire `key`, waiting for the reader thread the first time."""
+    for _ in range(200):
+        slot = slots.acquire(key)
+        if slot is not None:
+            return slot
+        time.sleep(0.01)
+    raise AssertionError(f"{key} never loaded")
+
+
+def test_forgetting_an_adapter_frees_its_cached_copies_but_not_pinned_slots(tmp_path):
+    reads: list[AdapterKey] = []
+
+    def load(key: AdapterKey):
+        reads.append(key)
+        return SimpleNamespace(modules={})
+
+    slots = AdapterSlots(_Layers(), max_cpu_adapters=8, load=load, wake=lambda: None)
+    old, new, other = (AdapterKey("a", 1, tmp_path), AdapterKey("a", 2, tmp_path), AdapterKey("b", 1, tmp_path))
+    slots.release(_ready_slot(slots, old))
+    pinned = _ready_slot(slots, other)
+    slots.forget("a", keep_version=2)  # "a" was replaced: version 1 goes, "b" stays
+    assert slots.resident() == [other]
+    slots.release(_ready_slot(slots, old))  # asked for again, it is read again
+    assert reads == [old, other, old]
+    slots.forget("b")  # deleted while a request still runs on it: the pinned slot stays
+    assert other in slots.resident()
+    slots.release(pinned)
+    slots.forget("b")
+    assert other not in slots.resident()
+    slots.release(_ready_slot(slots, new))
+    slots.forget("a", keep_version=2)
+    assert slots.resident() == [new]
+    slots.close()

@@ -91,9 +91,11 @@ class ServerContext:
             raise InvalidAdapterId(f"'{adapter_id}' is the base model's name")
         if self.fusions.get(adapter_id) is not None:
             raise InvalidAdapterId(f"'{adapter_id}' is a fusion's name")
-        return self.store.put(
+        stored = self.store.put(
             adapter_id, files, lambda folder: read_adapter(folder, self.lora_targets, self.max_lora_rank)
         )
+        self._forget(adapter_id, keep_version=stored.version)
+        return stored
 
     def delete_adapter(self, adapter_id: str) -> None:
         """Remove an adapter from the store, unless a fusion still uses it."""
@@ -103,6 +105,16 @@ class ServerContext:
             raise APIError(409, f"The adapter '{adapter_id}' is a member of the fusion(s) {', '.join(users)}; "
                            "delete those first.", "id", "adapter_in_use")  # fmt: skip
         self.store.delete(adapter_id)
+        self._forget(adapter_id)
+
+    def _forget(self, adapter_id: str, keep_version: int | None = None) -> None:
+        """Free what the engine and the router cache hold of the adapter's other versions."""
+        self.engine.forget_adapter(adapter_id, keep_version)
+
+        def stale(cache_key: tuple) -> bool:  # (fusion id, created, member keys)
+            return any(key.adapter_id == adapter_id and key.version != keep_version for key in cache_key[2])
+
+        self._routers = {k: router for k, router in self._routers.items() if not stale(k)}
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

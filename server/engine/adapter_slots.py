@@ -138,19 +138,37 @@ class AdapterSlots:
             return merge_adapters(members, key.spec, self.layers.modules)
         return self._load(key)
 
+    def forget(self, adapter_id: str, keep_version: int | None = None) -> None:
+        """Drop what is cached of an adapter's versions other than `keep_version` (all of them
+        when None: it was deleted), merged adapters built from them included. Slots that running
+        requests pin stay until those finish, then age out like any other."""
+
+        def stale(key: SlotKey) -> bool:
+            members = [m for m, _ in key.members] if isinstance(key, MergedKey) else [key]
+            return any(m.adapter_id == adapter_id and m.version != keep_version for m in members)
+
+        for key in [k for k in self._cpu if stale(k)]:
+            del self._cpu[key]
+        for slot, key in enumerate(self._key_in):
+            if key is not None and stale(key) and self._pins[slot] == 0:
+                self._evict(slot)
+
     def _free_slot(self) -> int | None:
         for slot, key in enumerate(self._key_in):
             if key is None:
                 return slot
         for slot in self._lru:  # least recently used first
             if self._pins[slot] == 0:
-                old = self._key_in[slot]
-                del self._slot_of[old]
-                self._key_in[slot] = None
-                del self._lru[slot]
-                self._on_event("evict", old.adapter_id)
+                self._evict(slot)
                 return slot
         return None
+
+    def _evict(self, slot: int) -> None:
+        old = self._key_in[slot]
+        del self._slot_of[old]
+        self._key_in[slot] = None
+        del self._lru[slot]
+        self._on_event("evict", old.adapter_id)
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

@@ -211,6 +211,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def forget_adapter(self, adapter_id: str, keep_version: int | None = None) -> None:
+        """Free the memory an adapter's deleted or replaced versions hold (see `AdapterSlots.forget`)."""
+        self._inbox.put(("forget", (adapter_id, keep_version)))
+
     def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish (up to a limit), then end `run`."""
         self._accepting = False
@@ -253,6 +257,8 @@ class Engine:
             stream = self._streams.get(payload)
             if stream is not None:
                 self._finish(stream, FinishReason.ABORT)
+        elif kind == "forget" and self.adapter_slots is not None:
+            self.adapter_slots.forget(*payload)
 
     def _step(self, chunks: list[ScheduledChunk]) -> None:
         self.metrics.batch_tokens.observe(sum(c.num_new for c in chunks))
