@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,39 +120,40 @@ def main() -> None:
     cpu_adapters = args.cpu_adapters or max(args.adapters)
     proc, url = start_server(server_args, "--max-gpu-adapters", str(args.gpu_slots), "--max-cpu-adapters",
                              str(cpu_adapters), "--data-dir", str(work / "data"))  # fmt: skip
-    rows = []
+    print(f"\n{args.requests} requests x {args.max_tokens} tokens, Zipf popularity, ranks {RANKS}, "
+          f"{args.concurrency} in flight, {args.gpu_slots} device slots, {cpu_adapters} cached in CPU\n")  # fmt: skip
+    print(f"{'N':>5} {'plait tok/s':>12} {'no-adapter tok/s':>17} {'naive tok/s':>12} {'vs no-adapter':>14} "
+          f"{'vs naive':>9}", flush=True)  # fmt: skip
     try:
+        start = time.perf_counter()
         for name in names:
             folder = work / "adapters" / name
             r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)},
                            timeout=120)  # fmt: skip
             r.raise_for_status()
+        plait_load = time.perf_counter() - start
         plait_throughput(url, zipf_stream(names[:2], 4, 0), 4, 4, True)  # warm-up
         # Adapters stay bf16 in PEFT too (by default it widens them to fp32), like Plait's pools.
+        start = time.perf_counter()
         peft_model = PeftModel.from_pretrained(base, work / "adapters" / names[0], adapter_name=names[0],
                                                autocast_adapter_dtype=False)  # fmt: skip
-        loaded = 1
+        peft_load, loaded = time.perf_counter() - start, 1
         for n in args.adapters:
+            start = time.perf_counter()
             for name in names[loaded:n]:
                 peft_model.load_adapter(work / "adapters" / name, adapter_name=name, autocast_adapter_dtype=False)
-            loaded = max(loaded, n)
+            peft_load, loaded = peft_load + time.perf_counter() - start, max(loaded, n)
             stream = zipf_stream(names[:n], args.requests, args.seed + n)
             with_lora = plait_throughput(url, stream, args.max_tokens, args.concurrency, True)
             bare = plait_throughput(url, stream, args.max_tokens, args.concurrency, False)
             naive = naive_throughput(peft_model, tokenizer, stream, args.max_tokens)
-            rows.append((n, with_lora, bare, naive))
-            print(f"N={n} done", file=sys.stderr)
+            print(f"{n:>5} {with_lora:>12.1f} {bare:>17.1f} {naive:>12.1f} {with_lora / bare:>14.2f} "
+                  f"{with_lora / naive:>8.1f}x", flush=True)  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-
-    print(f"\n{args.requests} requests x {args.max_tokens} tokens, Zipf popularity, ranks {RANKS}, "
-          f"{args.concurrency} in flight, {args.gpu_slots} device slots, {cpu_adapters} cached in CPU\n")  # fmt: skip
-    print(f"{'N':>5} {'plait tok/s':>12} {'no-adapter tok/s':>17} {'naive tok/s':>12} {'vs no-adapter':>14} "
-          f"{'vs naive':>9}")  # fmt: skip
-    for n, with_lora, bare, naive in rows:
-        print(f"{n:>5} {with_lora:>12.1f} {bare:>17.1f} {naive:>12.1f} {with_lora / bare:>14.2f} "
-              f"{with_lora / naive:>8.1f}x")  # fmt: skip
+    print(f"\nloading {len(names)} adapters: Plait (POST /v1/load_lora_adapter each) {plait_load:.0f} s, "
+          f"PeftModel (load_adapter each) {peft_load:.0f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
