@@ -110,11 +110,8 @@ class ServerContext:
     def _forget(self, adapter_id: str, keep_version: int | None = None) -> None:
         """Free what the engine and the router cache hold of the adapter's other versions."""
         self.engine.forget_adapter(adapter_id, keep_version)
-
-        def stale(cache_key: tuple) -> bool:  # (fusion id, created, member keys)
-            return any(key.adapter_id == adapter_id and key.version != keep_version for key in cache_key[2])
-
-        self._routers = {k: router for k, router in self._routers.items() if not stale(k)}
+        self._routers = {(fusion, created, keys): router for (fusion, created, keys), router in self._routers.items()
+                         if not any(key.superseded(adapter_id, keep_version) for key in keys)}  # fmt: skip
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

@@ -35,6 +35,10 @@ class AdapterKey:
     version: int
     path: Path
 
+    def superseded(self, adapter_id: str, keep_version: int | None) -> bool:
+        """Whether this is a version of `adapter_id` other than `keep_version` (any, when None)."""
+        return self.adapter_id == adapter_id and self.version != keep_version
+
 
 @dataclass(frozen=True)
 class MergedKey:
@@ -145,7 +149,7 @@ class AdapterSlots:
 
         def stale(key: SlotKey) -> bool:
             members = [m for m, _ in key.members] if isinstance(key, MergedKey) else [key]
-            return any(m.adapter_id == adapter_id and m.version != keep_version for m in members)
+            return any(m.superseded(adapter_id, keep_version) for m in members)
 
         for key in [k for k in self._cpu if stale(k)]:
             del self._cpu[key]
