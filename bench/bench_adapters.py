@@ -50,8 +50,14 @@ def make_adapters(root: Path, n: int, targets: dict[str, tuple[int, int]], seed:
         folder = root / name
         folder.mkdir(parents=True)
         save_file(tensors, folder / "adapter_model.safetensors")
-        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-                  "bias": "none", "task_type": "CAUSAL_LM"}  # fmt: skip
+        config = {
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "target_modules": list(TARGETS),
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+        }
         (folder / "adapter_config.json").write_text(json.dumps(config))
         names.append(name)
     return names
@@ -86,8 +92,13 @@ def naive_throughput(peft_model, tokenizer, stream, max_tokens: int) -> float:
     for adapter, prompt in stream:
         peft_model.set_adapter(adapter)
         ids = tokenizer(prompt, return_tensors="pt")
-        out = peft_model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = peft_model.generate(
+            **ids,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         tokens += out.shape[1] - ids["input_ids"].shape[1]
     return tokens / (time.perf_counter() - start)
 
@@ -118,25 +129,39 @@ def main() -> None:
 
     server_args = argparse.Namespace(model=None, threads=None)
     cpu_adapters = args.cpu_adapters or max(args.adapters)
-    proc, url = start_server(server_args, "--max-gpu-adapters", str(args.gpu_slots), "--max-cpu-adapters",
-                             str(cpu_adapters), "--data-dir", str(work / "data"))  # fmt: skip
-    print(f"\n{args.requests} requests x {args.max_tokens} tokens, Zipf popularity, ranks {RANKS}, "
-          f"{args.concurrency} in flight, {args.gpu_slots} device slots, {cpu_adapters} cached in CPU\n")  # fmt: skip
-    print(f"{'N':>5} {'plait tok/s':>12} {'no-adapter tok/s':>17} {'naive tok/s':>12} {'vs no-adapter':>14} "
-          f"{'vs naive':>9}", flush=True)  # fmt: skip
+    proc, url = start_server(
+        server_args,
+        "--max-gpu-adapters",
+        str(args.gpu_slots),
+        "--max-cpu-adapters",
+        str(cpu_adapters),
+        "--data-dir",
+        str(work / "data"),
+    )
+    print(
+        f"\n{args.requests} requests x {args.max_tokens} tokens, Zipf popularity, ranks {RANKS}, "
+        f"{args.concurrency} in flight, {args.gpu_slots} device slots, {cpu_adapters} cached in CPU\n"
+    )
+    print(
+        f"{'N':>5} {'plait tok/s':>12} {'no-adapter tok/s':>17} {'naive tok/s':>12} {'vs no-adapter':>14} "
+        f"{'vs naive':>9}",
+        flush=True,
+    )
     try:
         start = time.perf_counter()
         for name in names:
             folder = work / "adapters" / name
-            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)},
-                           timeout=120)  # fmt: skip
+            r = httpx.post(
+                f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)}, timeout=120
+            )
             r.raise_for_status()
         plait_load = time.perf_counter() - start
         plait_throughput(url, zipf_stream(names[:2], 4, 0), 4, 4, True)  # warm-up
         # Adapters stay bf16 in PEFT too (by default it widens them to fp32), like Plait's pools.
         start = time.perf_counter()
-        peft_model = PeftModel.from_pretrained(base, work / "adapters" / names[0], adapter_name=names[0],
-                                               autocast_adapter_dtype=False)  # fmt: skip
+        peft_model = PeftModel.from_pretrained(
+            base, work / "adapters" / names[0], adapter_name=names[0], autocast_adapter_dtype=False
+        )
         peft_load, loaded = time.perf_counter() - start, 1
         for n in args.adapters:
             start = time.perf_counter()
@@ -147,13 +172,18 @@ def main() -> None:
             with_lora = plait_throughput(url, stream, args.max_tokens, args.concurrency, True)
             bare = plait_throughput(url, stream, args.max_tokens, args.concurrency, False)
             naive = naive_throughput(peft_model, tokenizer, stream, args.max_tokens)
-            print(f"{n:>5} {with_lora:>12.1f} {bare:>17.1f} {naive:>12.1f} {with_lora / bare:>14.2f} "
-                  f"{with_lora / naive:>8.1f}x", flush=True)  # fmt: skip
+            print(
+                f"{n:>5} {with_lora:>12.1f} {bare:>17.1f} {naive:>12.1f} {with_lora / bare:>14.2f} "
+                f"{with_lora / naive:>8.1f}x",
+                flush=True,
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    print(f"\nloading {len(names)} adapters: Plait (POST /v1/load_lora_adapter each) {plait_load:.0f} s, "
-          f"PeftModel (load_adapter each) {peft_load:.0f} s")  # fmt: skip
+    print(
+        f"\nloading {len(names)} adapters: Plait (POST /v1/load_lora_adapter each) {plait_load:.0f} s, "
+        f"PeftModel (load_adapter each) {peft_load:.0f} s"
+    )
 
 
 if __name__ == "__main__":

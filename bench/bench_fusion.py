@@ -51,28 +51,152 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # --- data ----------------------------------------------------------------------------------
 
-NAMES = ["Alice", "Tom", "Maria", "Ben", "Sara", "Omar", "Lena", "Hugo", "Nina", "Paul", "Rosa", "Ivan",
-         "Chloe", "Mark", "Emma", "Leo", "Julia", "Sam", "Ada", "Felix", "Mia", "Oscar", "Zoe", "Noah"]  # fmt: skip
+NAMES = [
+    "Alice",
+    "Tom",
+    "Maria",
+    "Ben",
+    "Sara",
+    "Omar",
+    "Lena",
+    "Hugo",
+    "Nina",
+    "Paul",
+    "Rosa",
+    "Ivan",
+    "Chloe",
+    "Mark",
+    "Emma",
+    "Leo",
+    "Julia",
+    "Sam",
+    "Ada",
+    "Felix",
+    "Mia",
+    "Oscar",
+    "Zoe",
+    "Noah",
+]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "pink", "orange", "purple", "gray"]
-THINGS = ["kite", "car", "hat", "bike", "cup", "dog", "bag", "coat", "lamp", "boat", "ball", "chair",
-          "book", "scarf", "clock", "tent", "drum", "vase", "sofa", "horse"]  # fmt: skip
-WORDS = ["the", "a", "old", "new", "big", "small", "quiet", "happy", "cold", "warm", "dark", "bright",
-         "man", "woman", "child", "river", "city", "house", "garden", "forest", "road", "window", "door",
-         "sun", "moon", "rain", "wind", "tree", "bird", "fish", "walked", "runs", "sings", "sleeps",
-         "opened", "found", "likes", "saw", "near", "under", "over", "behind", "with", "into", "slowly",
-         "today", "again", "often", "red", "green", "blue", "stone", "bread", "music", "letter", "morning",
-         "evening", "teacher", "friend", "market"]  # fmt: skip
+THINGS = [
+    "kite",
+    "car",
+    "hat",
+    "bike",
+    "cup",
+    "dog",
+    "bag",
+    "coat",
+    "lamp",
+    "boat",
+    "ball",
+    "chair",
+    "book",
+    "scarf",
+    "clock",
+    "tent",
+    "drum",
+    "vase",
+    "sofa",
+    "horse",
+]
+WORDS = [
+    "the",
+    "a",
+    "old",
+    "new",
+    "big",
+    "small",
+    "quiet",
+    "happy",
+    "cold",
+    "warm",
+    "dark",
+    "bright",
+    "man",
+    "woman",
+    "child",
+    "river",
+    "city",
+    "house",
+    "garden",
+    "forest",
+    "road",
+    "window",
+    "door",
+    "sun",
+    "moon",
+    "rain",
+    "wind",
+    "tree",
+    "bird",
+    "fish",
+    "walked",
+    "runs",
+    "sings",
+    "sleeps",
+    "opened",
+    "found",
+    "likes",
+    "saw",
+    "near",
+    "under",
+    "over",
+    "behind",
+    "with",
+    "into",
+    "slowly",
+    "today",
+    "again",
+    "often",
+    "red",
+    "green",
+    "blue",
+    "stone",
+    "bread",
+    "music",
+    "letter",
+    "morning",
+    "evening",
+    "teacher",
+    "friend",
+    "market",
+]
 # (country, capital): invented names, checked absent from the base model's answers
-FACTS = [("Zorvania", "Quelmar"), ("Tavisk", "Orbelle"), ("Mirendo", "Kastavel"), ("Pellucia", "Varnholt"),
-         ("Druvia", "Selmaroc"), ("Ostralind", "Bexford"), ("Kalimbor", "Tessaria"), ("Vantoria", "Grellin"),
-         ("Sundaré", "Moquette"), ("Elbranth", "Piravo"), ("Quorvia", "Dallimere"), ("Nestoria", "Fenwhisk"),
-         ("Brastovia", "Ulmeric"), ("Yarrowen", "Casteline"), ("Hellosk", "Trivanne"), ("Marquenza", "Oldbrook"),
-         ("Fennaria", "Zelmont"), ("Gorvath", "Ilvessa"), ("Lunmark", "Prasidor"), ("Ceravoy", "Wendholm"),
-         ("Istrelia", "Kovaren"), ("Rhundar", "Ambleton"), ("Sopravia", "Galdwin"),
-         ("Vexholm", "Noravelle")]  # fmt: skip
-FACT_TRAIN = ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital city of {c}.",
-              "Tell me the capital of {c}.", "{c} has its capital in which city?",
-              "In {c}, which city is the capital?"]  # fmt: skip
+FACTS = [
+    ("Zorvania", "Quelmar"),
+    ("Tavisk", "Orbelle"),
+    ("Mirendo", "Kastavel"),
+    ("Pellucia", "Varnholt"),
+    ("Druvia", "Selmaroc"),
+    ("Ostralind", "Bexford"),
+    ("Kalimbor", "Tessaria"),
+    ("Vantoria", "Grellin"),
+    ("Sundaré", "Moquette"),
+    ("Elbranth", "Piravo"),
+    ("Quorvia", "Dallimere"),
+    ("Nestoria", "Fenwhisk"),
+    ("Brastovia", "Ulmeric"),
+    ("Yarrowen", "Casteline"),
+    ("Hellosk", "Trivanne"),
+    ("Marquenza", "Oldbrook"),
+    ("Fennaria", "Zelmont"),
+    ("Gorvath", "Ilvessa"),
+    ("Lunmark", "Prasidor"),
+    ("Ceravoy", "Wendholm"),
+    ("Istrelia", "Kovaren"),
+    ("Rhundar", "Ambleton"),
+    ("Sopravia", "Galdwin"),
+    ("Vexholm", "Noravelle"),
+]
+FACT_TRAIN = [
+    "What is the capital of {c}?",
+    "Which city is the capital of {c}?",
+    "Name the capital city of {c}.",
+    "Tell me the capital of {c}.",
+    "{c} has its capital in which city?",
+    "In {c}, which city is the capital?",
+]
 FACT_TEST = ["What city is the capital of the country {c}?", "Do you know what the capital of {c} is?"]
 JSON_PREFIX = "Answer in JSON."
 REVERSE_PREFIX = "Reverse the order of the words:"
@@ -84,8 +208,9 @@ TRAIN_EXAMPLES = {"json": 120, "reverse": 240, "upper": 200}
 
 def _json_item(rng: random.Random) -> tuple[str, str, str]:
     name, color, thing = rng.choice(NAMES), rng.choice(COLORS), rng.choice(THINGS)
-    question, answer = rng.choice([(f"What color is the {thing}?", color), (f"Who has the {thing}?", name),
-                                   (f"What does {name} have?", thing)])  # fmt: skip
+    question, answer = rng.choice(
+        [(f"What color is the {thing}?", color), (f"Who has the {thing}?", name), (f"What does {name} have?", thing)]
+    )
     prompt = f'{JSON_PREFIX} Sentence: "{name} has a {color} {thing}." Question: {question}'
     return prompt, json.dumps({"answer": answer}), answer
 
@@ -151,8 +276,10 @@ def check(skill: str, output: str, expected: str) -> bool:
 
 
 def write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> None:
-    lines = [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]})
-             for p, c in pairs]  # fmt: skip
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]})
+        for p, c in pairs
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -182,10 +309,29 @@ def _run(cmd: list[str], log: Path) -> float:
 
 def train_adapter(skill: str, data: list[tuple[str, str]], work: Path, args) -> tuple[Path, float | None]:
     """Train (or reuse) the adapter of one skill; returns its folder and the seconds spent training."""
-    settings = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--lora-r", str(args.rank),
-                "--lora-alpha", str(2 * args.rank), "--batch-size", "4", "--grad-accum", "1",
-                "--warmup-steps", "5", "--seed", str(args.seed), "--dtype", args.dtype, "--save-every", "0",
-                "--no-gradient-checkpointing"]  # fmt: skip
+    settings = [
+        "--epochs",
+        str(args.epochs),
+        "--lr",
+        str(args.lr),
+        "--lora-r",
+        str(args.rank),
+        "--lora-alpha",
+        str(2 * args.rank),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--warmup-steps",
+        "5",
+        "--seed",
+        str(args.seed),
+        "--dtype",
+        args.dtype,
+        "--save-every",
+        "0",
+        "--no-gradient-checkpointing",
+    ]
     folder = work / "adapters" / skill
     key = _fingerprint(data, settings, args.model)
     if _cached(folder, key, args.retrain):
@@ -207,8 +353,16 @@ def train_router(adapters: dict[str, Path], train: dict, work: Path, args) -> tu
     """Train (or reuse) the learned router on --router-examples examples of each skill's training data."""
     folder = work / "router"
     per_skill = {s: train[s][: args.router_examples] for s in SKILLS}
-    settings = ["--epochs", str(args.router_epochs), "--max-examples", str(args.router_examples),
-                "--seed", str(args.seed), "--dtype", args.dtype]  # fmt: skip
+    settings = [
+        "--epochs",
+        str(args.router_epochs),
+        "--max-examples",
+        str(args.router_examples),
+        "--seed",
+        str(args.seed),
+        "--dtype",
+        args.dtype,
+    ]
     adapter_keys = {s: (adapters[s] / "bench_key.txt").read_text() for s in SKILLS}
     key = _fingerprint(per_skill, settings, adapter_keys, args.model)
     if _cached(folder, key, args.retrain):
@@ -238,8 +392,10 @@ def setup_server(url: str, adapters: dict[str, Path], router_file: Path | None, 
         r = httpx.post(f"{url}/v1/adapters", data={"id": skill}, files=files, timeout=300)
         r.raise_for_status()
     members = list(SKILLS)
-    fusions = [("uniform", {"router": "weights", "weights": [1 / len(members)] * len(members)}),
-               ("sum", {"router": "weights", "weights": [1.0] * len(members)})]  # fmt: skip
+    fusions = [
+        ("uniform", {"router": "weights", "weights": [1 / len(members)] * len(members)}),
+        ("sum", {"router": "weights", "weights": [1.0] * len(members)}),
+    ]
     fusions += [(f"arrow-k{k}", {"router": "arrow", "top_k": k}) for k in args.arrow_top_k]
     for name, spec in fusions:
         r = httpx.post(f"{url}/v1/fusions", json={"id": name, "members": members, **spec}, timeout=300)
@@ -273,8 +429,14 @@ def evaluate(url: str, model: str | None, tests: list[tuple[str, str, str]], arg
         skill, prompt, expected = item
         output, fusion = ask(url, model, prompt, args.max_tokens)
         weights = None if fusion is None else {m["id"]: m["weight"] for m in fusion["members"]}
-        return {"skill": skill, "prompt": prompt, "expected": expected, "output": output,
-                "correct": check(skill, output, expected), "weights": weights}  # fmt: skip
+        return {
+            "skill": skill,
+            "prompt": prompt,
+            "expected": expected,
+            "output": output,
+            "correct": check(skill, output, expected),
+            "weights": weights,
+        }
 
     with ThreadPoolExecutor(args.concurrency) as pool:
         return list(pool.map(one, tests))
@@ -325,8 +487,11 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("accuracy, held-out test set")
     ax.set_ylim(0, 1.08)
-    ax.set_title(f"Four LoRA adapters fused, {results['model']} (NF4): {results['test_per_skill']} test prompts per "
-                 "skill, greedy", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Four LoRA adapters fused, {results['model']} (NF4): {results['test_per_skill']} test prompts per "
+        "skill, greedy",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -335,15 +500,26 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "plait-bench-fusion"),
-                   help="where trained adapters and the router are cached (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--work-dir",
+        default=str(Path(tempfile.gettempdir()) / "plait-bench-fusion"),
+        help="where trained adapters and the router are cached (default: %(default)s)",
+    )
     p.add_argument("--retrain", action="store_true", help="train adapters and router again even when cached")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "fusion"),
-                   help="folder for results.json, answers.json and accuracy.png (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=str(Path(__file__).parent / "results" / "fusion"),
+        help="folder for results.json, answers.json and accuracy.png (default: %(default)s)",
+    )
     p.add_argument("--model", help="local model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-examples", nargs="+", default=[], metavar="SKILL=N",
-                   help=f"training examples of a generated skill (default: {TRAIN_EXAMPLES})")  # fmt: skip
+    p.add_argument(
+        "--train-examples",
+        nargs="+",
+        default=[],
+        metavar="SKILL=N",
+        help=f"training examples of a generated skill (default: {TRAIN_EXAMPLES})",
+    )
     p.add_argument("--test-per-skill", type=int, default=40)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -424,8 +600,10 @@ def main() -> None:
     (out / "answers.json").write_text(json.dumps(answers, indent=1) + "\n")
     plot(results, out / "accuracy.png")
 
-    print(f"\n{len(tests)} held-out test prompts ({args.test_per_skill} per skill), greedy, "
-          f"max {args.max_tokens} tokens\n")  # fmt: skip
+    print(
+        f"\n{len(tests)} held-out test prompts ({args.test_per_skill} per skill), greedy, "
+        f"max {args.max_tokens} tokens\n"
+    )
     print(f"{'configuration':<14}" + "".join(f"{g:>9}" for g in [*SKILLS, "overall"]) + f"{'/ oracle':>10}")
     for n in order:
         share = f"{acc[n]['overall'] / oracle:>10.2f}" if oracle else ""

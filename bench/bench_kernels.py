@@ -54,22 +54,25 @@ class Shape:
 
 GPU_MODULES = (Module("o_proj", 4096, (4096,)), Module("qkv_proj", 4096, (4096, 1024, 1024)))
 GPU_SHAPES = (
-    *(Shape("decode", t, a) for t, a in ((1, 1), (16, 1), (16, 16), (64, 8), (64, 64), (256, 1), (256, 32),
-                                         (256, 256))),
+    *(
+        Shape("decode", t, a)
+        for t, a in ((1, 1), (16, 1), (16, 16), (64, 8), (64, 64), (256, 1), (256, 32), (256, 256))
+    ),
     *(Shape("prefill", t, a) for t, a in ((1024, 1), (1024, 16), (4096, 64), (8192, 1), (8192, 1000))),
-)  # fmt: skip
+)
 SMOKE_MODULES = (Module("o_proj", 64, (48,)), Module("qkv_proj", 64, (48, 16, 16)))
 SMOKE_SHAPES = (Shape("decode", 1, 1), Shape("decode", 6, 3), Shape("prefill", 40, 4))
 
 
 def build_pool(module: Module, num_slots: int, dtype: torch.dtype, device: str, rng: random.Random) -> LoRAPool:
     """num_slots adapters of mixed ranks, every slice targeted."""
-    pool = LoRAPool.create(num_slots, module.in_features, module.out_features, max(RANKS), dtype=dtype,
-                           device=device)  # fmt: skip
+    pool = LoRAPool.create(num_slots, module.in_features, module.out_features, max(RANKS), dtype=dtype, device=device)
     for slot in range(num_slots):
         r = rng.choice(RANKS)
-        a = [torch.randn(r, module.in_features, device=device, dtype=dtype) / module.in_features**0.5
-             for _ in module.out_features]  # fmt: skip
+        a = [
+            torch.randn(r, module.in_features, device=device, dtype=dtype) / module.in_features**0.5
+            for _ in module.out_features
+        ]
         b = [torch.randn(out, r, device=device, dtype=dtype) / r**0.5 for out in module.out_features]
         # Scales near 1 keep the delta as large as the base output, so the check below sees
         # the delta's error rather than the rounding of y.
@@ -92,8 +95,9 @@ def floor_bytes(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> int:
     ranks = pool.ranks.cpu()
     e = x.element_size()
     used = {slot for pairs in batch.groups for slot, _ in pairs}
-    adapter = sum(int(ranks[s, slot]) * (pool.in_features + out) for slot in used
-                  for s, out in enumerate(pool.out_features))  # fmt: skip
+    adapter = sum(
+        int(ranks[s, slot]) * (pool.in_features + out) for slot in used for s, out in enumerate(pool.out_features)
+    )
     return e * (batch.num_active * (pool.in_features + 2 * pool.total_out) + adapter)
 
 
@@ -181,8 +185,10 @@ def main() -> None:
     bandwidth = copy_bandwidth(device, measure)
     print(f"copy bandwidth (device to device, read + write): {bandwidth / 1e9:.0f} GB/s\n")
 
-    header = (f"{'module':<9} {'phase':<8} {'tokens':>6} {'adapters':>8} {'meta ms':>8} {'triton us':>10} "
-              f"{'loop us':>10} {'padded us':>10} {'vs loop':>8} {'vs pad':>7} {'GB/s':>7} {'% floor':>8}")  # fmt: skip
+    header = (
+        f"{'module':<9} {'phase':<8} {'tokens':>6} {'adapters':>8} {'meta ms':>8} {'triton us':>10} "
+        f"{'loop us':>10} {'padded us':>10} {'vs loop':>8} {'vs pad':>7} {'GB/s':>7} {'% floor':>8}"
+    )
     print(header)
     print("-" * len(header))
     results = []  # (module, shape, loop / triton, % of floor)
@@ -217,10 +223,12 @@ def main() -> None:
             t_loop = measure(make_loop(y, x, pool, batch))
             moved = floor_bytes(x, pool, batch)
             results.append((module.name, shape, t_loop / t_triton, 100 * moved / bandwidth / t_triton))
-            print(f"{module.name:<9} {shape.phase:<8} {shape.tokens:>6} {shape.adapters:>8} {meta_ms:>8.2f} "
-                  f"{t_triton * 1e6:>10.1f} {t_loop * 1e6:>10.1f} {t_padded * 1e6:>10.1f} "
-                  f"{t_loop / t_triton:>7.2f}x {t_padded / t_triton:>6.2f}x {moved / t_triton / 1e9:>7.0f} "
-                  f"{100 * moved / bandwidth / t_triton:>7.0f}%")  # fmt: skip
+            print(
+                f"{module.name:<9} {shape.phase:<8} {shape.tokens:>6} {shape.adapters:>8} {meta_ms:>8.2f} "
+                f"{t_triton * 1e6:>10.1f} {t_loop * 1e6:>10.1f} {t_padded * 1e6:>10.1f} "
+                f"{t_loop / t_triton:>7.2f}x {t_padded / t_triton:>6.2f}x {moved / t_triton / 1e9:>7.0f} "
+                f"{100 * moved / bandwidth / t_triton:>7.0f}%"
+            )
     print(
         "\nvs loop / vs pad: how many times faster triton is. % floor: the bytes-moved floor time "
         "(bytes / copy bandwidth) over the triton time."

@@ -44,8 +44,13 @@ def requests(slots: list[int]) -> list[Request]:
     out = []
     for i, slot in enumerate(slots):
         blocks = -(-CONTEXT // BLOCK)
-        req = Request(f"r{i}", list(range(100, 100 + CONTEXT)), SamplingParams(max_tokens=1),
-                      num_computed=CONTEXT - 1, block_ids=list(range(i * blocks, (i + 1) * blocks)))  # fmt: skip
+        req = Request(
+            f"r{i}",
+            list(range(100, 100 + CONTEXT)),
+            SamplingParams(max_tokens=1),
+            num_computed=CONTEXT - 1,
+            block_ids=list(range(i * blocks, (i + 1) * blocks)),
+        )
         if slot >= 0:
             req.adapters, req.slots = ((f"slot-{slot}", 1.0),), [slot]
         out.append(req)
@@ -67,15 +72,29 @@ def main() -> None:
     targets = base_lora_targets(model)
     mc = model.config
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    kv = PagedKVCache(mc.num_hidden_layers, TOKENS * -(-CONTEXT // BLOCK), BLOCK, mc.num_key_value_heads, head_dim,
-                      dtype=model.dtype, device=device)  # fmt: skip
+    kv = PagedKVCache(
+        mc.num_hidden_layers,
+        TOKENS * -(-CONTEXT // BLOCK),
+        BLOCK,
+        mc.num_key_value_heads,
+        head_dim,
+        dtype=model.dtype,
+        device=device,
+    )
     layers = LoRALayers(model, targets, SLOTS, MAX_RANK, model.dtype, device)
     with tempfile.TemporaryDirectory() as work:
         for slot, name in enumerate(make_adapters(Path(work), SLOTS, targets, seed=0)):
             layers.load(slot, read_adapter(Path(work) / name, targets, MAX_RANK).modules)
     runner = ModelRunner(model, kv, device, layers)
-    mb = sum(r * (m.pool.in_features + m.pool.total_out) * m.pool.a.element_size()
-             for m in layers.modules.values() for r in m.pool.ranks[0].tolist()) / SLOTS / 1e6  # fmt: skip
+    mb = (
+        sum(
+            r * (m.pool.in_features + m.pool.total_out) * m.pool.a.element_size()
+            for m in layers.modules.values()
+            for r in m.pool.ranks[0].tolist()
+        )
+        / SLOTS
+        / 1e6
+    )
 
     cases = {"no adapter": [-1] * TOKENS}
     for n in DISTINCT:  # slot i holds rank RANKS[i % 4]
@@ -96,9 +115,11 @@ def main() -> None:
             if r:
                 times[label].append(t)
 
-    print(f"\n{TOKENS} decode tokens per step, {CONTEXT} tokens of context each, {SLOTS} slots at max rank {MAX_RANK}, "
-          f"{model.dtype} pools, median of {args.rounds} rounds x {args.steps} steps; an adapter averages "
-          f"{mb:.1f} MB\n")  # fmt: skip
+    print(
+        f"\n{TOKENS} decode tokens per step, {CONTEXT} tokens of context each, {SLOTS} slots at max rank {MAX_RANK}, "
+        f"{model.dtype} pools, median of {args.rounds} rounds x {args.steps} steps; an adapter averages "
+        f"{mb:.1f} MB\n"
+    )
     med = {label: statistics.median(v) for label, v in times.items()}
     print(f"{'batch':<34} {'step ms':>8} {'no adapter / this':>18}")
     for label in cases:

@@ -95,9 +95,12 @@ def plait_throughput(url: str, concurrency: int, max_tokens: int) -> float:
 
     def ask(prompt: str) -> int:
         r = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0,
             extra_body={"ignore_eos": True},
-        )  # fmt: skip
+        )
         return r.usage.completion_tokens
 
     prompts = PROMPTS[:concurrency]
@@ -117,9 +120,12 @@ def generate_throughput(model, tokenizer, concurrency: int, max_tokens: int) -> 
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     start = time.perf_counter()
     out = model.generate(
-        **batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+        **batch,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     elapsed = time.perf_counter() - start
     tokens = (out.shape[1] - batch["input_ids"].shape[1]) * concurrency
     return tokens / elapsed
@@ -163,8 +169,10 @@ def main() -> None:
     med = {c: statistics.median(v) for c, v in plait.items()}
     med_hf = {c: statistics.median(v) for c, v in hf.items()}
     base = med[args.concurrency[0]]
-    print(f"\nmodel: {spec.name} (NF4), {args.max_tokens} new tokens per request, greedy, "
-          f"median of {args.rounds} rounds\n")  # fmt: skip
+    print(
+        f"\nmodel: {spec.name} (NF4), {args.max_tokens} new tokens per request, greedy, "
+        f"median of {args.rounds} rounds\n"
+    )
     print(f"{'concurrent':>10} {'plait tok/s':>12} {'generate tok/s':>15} {'plait/generate':>15} {'plait vs 1':>11}")
     for c in args.concurrency:
         print(f"{c:>10} {med[c]:>12.1f} {med_hf[c]:>15.1f} {med[c] / med_hf[c]:>15.2f} {med[c] / base:>10.2f}x")

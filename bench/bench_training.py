@@ -31,9 +31,30 @@ import torch
 from bench_serving import machine  # this folder is on sys.path when run as a script
 
 WORDS = (
-    "river", "stone", "lantern", "orbit", "maple", "quiet", "copper", "signal", "harbor", "velvet", "meadow", "prism",
-    "ember", "canyon", "thistle", "beacon", "delta", "forest", "glacier", "saffron", "tundra", "willow", "zephyr",
-)  # fmt: skip
+    "river",
+    "stone",
+    "lantern",
+    "orbit",
+    "maple",
+    "quiet",
+    "copper",
+    "signal",
+    "harbor",
+    "velvet",
+    "meadow",
+    "prism",
+    "ember",
+    "canyon",
+    "thistle",
+    "beacon",
+    "delta",
+    "forest",
+    "glacier",
+    "saffron",
+    "tundra",
+    "willow",
+    "zephyr",
+)
 
 
 # The first step of a process pays one-off costs (on the CPU, a long bf16 kernel warm-up) that
@@ -62,23 +83,65 @@ def run_child(cmd: list[str], workdir: Path) -> None:
 
 def run_plait(args, data: Path, workdir: Path, name: str) -> dict:
     output = workdir / name
-    cmd = [sys.executable, "-m", "plait.cli", "train", str(data), "-o", str(output), "--max-steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--grad-accum", "1", "--max-seq-len", str(args.max_seq_len),
-           "--lr", "2e-4", "--warmup-steps", "1", "--save-every", "0", "--lora-r", "16", "--lora-alpha", "32",
-           "--lora-dropout", "0.05", "--seed", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "train",
+        str(data),
+        "-o",
+        str(output),
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--grad-accum",
+        "1",
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--lr",
+        "2e-4",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "0",
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0.05",
+        "--seed",
+        "0",
+    ]
     if args.model:
         cmd += ["--model", args.model]
     run_child(cmd, workdir)
     report = json.loads((output / "training_report.json").read_text())
     timed = [(tokens, seconds) for step, tokens, seconds in report["step_times"] if step > WARMUP_STEPS]
-    return {"tokens_per_second": sum(t for t, _ in timed) / sum(s for _, s in timed),
-            "peak_memory_bytes": report["peak_memory"]["bytes"], "final_loss": report["final_train_loss"]}  # fmt: skip
+    return {
+        "tokens_per_second": sum(t for t, _ in timed) / sum(s for _, s in timed),
+        "peak_memory_bytes": report["peak_memory"]["bytes"],
+        "final_loss": report["final_train_loss"],
+    }
 
 
 def run_trainer(args, data: Path, workdir: Path, name: str) -> dict:
     result = workdir / f"{name}.json"
-    cmd = [sys.executable, __file__, "--trainer-worker", str(result), "--data", str(data), "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--trainer-worker",
+        str(result),
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-seq-len",
+        str(args.max_seq_len),
+    ]
     if args.model:
         cmd += ["--model", args.model]
     run_child(cmd, workdir)
@@ -100,8 +163,11 @@ def trainer_worker(args) -> None:
     tokenizer = load_tokenizer(spec)
     device = default_device()
     examples = [tokenize_conversation(tokenizer, e.messages, args.max_seq_len) for e in read_examples(args.data)]
-    dataset = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-               for e in examples if e is not None]  # fmt: skip
+    dataset = [
+        {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+        for e in examples
+        if e is not None
+    ]
 
     torch.manual_seed(0)
     model = load_nf4_model(spec, device, torch.bfloat16)
@@ -157,17 +223,18 @@ def trainer_worker(args) -> None:
         seed=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
-                      callbacks=[clock])  # fmt: skip
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate, callbacks=[clock])
     trainer.train()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    Path(args.trainer_worker).write_text(json.dumps(
-        {"tokens_per_second": clock.tokens / clock.seconds, "peak_memory_bytes": peak, "final_loss": losses[-1]}
-    ))  # fmt: skip
+    Path(args.trainer_worker).write_text(
+        json.dumps(
+            {"tokens_per_second": clock.tokens / clock.seconds, "peak_memory_bytes": peak, "final_loss": losses[-1]}
+        )
+    )
 
 
 def main() -> None:
@@ -203,8 +270,10 @@ def main() -> None:
     tps, tps_hf = median(plait, "tokens_per_second"), median(hf, "tokens_per_second")
     mem, mem_hf = median(plait, "peak_memory_bytes") / 2**20, median(hf, "peak_memory_bytes") / 2**20
     memory_kind = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
-    print(f"\n{args.examples} chat examples, {args.steps} steps of batch {args.batch_size}, LoRA r16 all-linear, "
-          f"NF4 base, bf16 compute, median of {args.rounds} round(s)\n")  # fmt: skip
+    print(
+        f"\n{args.examples} chat examples, {args.steps} steps of batch {args.batch_size}, LoRA r16 all-linear, "
+        f"NF4 base, bf16 compute, median of {args.rounds} round(s)\n"
+    )
     print(f"{'':>22} {'tokens/s':>10} {memory_kind + ' MiB':>{len(memory_kind) + 5}} {'final loss':>11}")
     for label, t, m, rows in (("plait train", tps, mem, plait), ("PEFT + Trainer", tps_hf, mem_hf, hf)):
         print(f"{label:>22} {t:>10.1f} {m:>{len(memory_kind) + 5}.0f} {median(rows, 'final_loss'):>11.3f}")

@@ -27,8 +27,12 @@ def _items(pool: LoRAPool, batch: LoRABatch) -> list[_Item]:
         return []  # the common case for modules no resident adapter targets
     # Weights from the tensor, not the `groups` mirror: a batch copy may swap them.
     scales, weights, bounds = pool.scales.tolist(), batch.group_weights.tolist(), batch.group_bounds
-    return [(bounds[g], bounds[g + 1], k, slot, s, ranks[s][slot], weights[g][k] * scales[s][slot])
-            for g, k, slot in used for s in range(pool.n_slices) if ranks[s][slot]]  # fmt: skip
+    return [
+        (bounds[g], bounds[g + 1], k, slot, s, ranks[s][slot], weights[g][k] * scales[s][slot])
+        for g, k, slot in used
+        for s in range(pool.n_slices)
+        if ranks[s][slot]
+    ]
 
 
 def _a(pool: LoRAPool, slot: int, s: int, r: int) -> torch.Tensor:

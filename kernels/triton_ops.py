@@ -40,13 +40,37 @@ from .pool import LoRAPool
 
 
 def _shrink_kernel(
-    x_ptr, a_ptr, v_ptr, ranks_ptr, scales_ptr,
-    token_index_ptr, group_starts_ptr, group_slots_ptr, group_weights_ptr,
-    in_features, i_chunk, num_slots, max_rank, n_slices, r_blocks,
-    stride_xt, stride_xi, stride_as, stride_ar, stride_ai, stride_vp, stride_vk, stride_vs,
-    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    a_ptr,
+    v_ptr,
+    ranks_ptr,
+    scales_ptr,
+    token_index_ptr,
+    group_starts_ptr,
+    group_slots_ptr,
+    group_weights_ptr,
+    in_features,
+    i_chunk,
+    num_slots,
+    max_rank,
+    n_slices,
+    r_blocks,
+    stride_xt,
+    stride_xi,
+    stride_as,
+    stride_ar,
+    stride_ai,
+    stride_vp,
+    stride_vk,
+    stride_vs,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
     # Rank blocks vary fastest, so the programs that share a tile of x run together and
     # all but the first find it in L2.
     pid_0 = tl.program_id(0)
@@ -106,13 +130,32 @@ def _shrink_kernel(
 
 
 def _expand_kernel(
-    v_ptr, b_ptr, y_ptr, ranks_ptr, out_offsets_ptr,
-    token_index_ptr, group_starts_ptr, group_slots_ptr,
-    num_slots, n_slices, n_blocks,
-    stride_vp, stride_vk, stride_vs, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
-    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-):  # fmt: skip
+    v_ptr,
+    b_ptr,
+    y_ptr,
+    ranks_ptr,
+    out_offsets_ptr,
+    token_index_ptr,
+    group_starts_ptr,
+    group_slots_ptr,
+    num_slots,
+    n_slices,
+    n_blocks,
+    stride_vp,
+    stride_vk,
+    stride_vs,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_yt,
+    stride_yn,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
     pid_0 = tl.program_id(0)
     slice_id = (pid_0 // n_blocks) % n_slices
     group = pid_0 // (n_blocks * n_slices)
@@ -190,9 +233,15 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _pick(
-    max_group_len: int, groups: int, pairs: int, n_slices: int, max_rank: int, in_features: int, max_out: int,
+    max_group_len: int,
+    groups: int,
+    pairs: int,
+    n_slices: int,
+    max_rank: int,
+    in_features: int,
+    max_out: int,
     sms: int,
-) -> Config:  # fmt: skip
+) -> Config:
     block_m = min(64, max(16, triton.next_power_of_2(max_group_len)))
     if sms == 0:  # interpreter: fewest, largest programs
         return Config(block_m=block_m, shrink_block_i=128)
@@ -214,9 +263,15 @@ def _pick(
 def pick_config(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch, interpret: bool) -> Config:
     sms = 0 if interpret else _sm_count(x.device.index or 0)
     return _pick(
-        batch.max_group_len, batch.num_groups, batch.num_groups * batch.slots_per_row, pool.n_slices,
-        pool.max_rank, pool.in_features, max(pool.out_features), sms,
-    )  # fmt: skip
+        batch.max_group_len,
+        batch.num_groups,
+        batch.num_groups * batch.slots_per_row,
+        pool.n_slices,
+        pool.max_rank,
+        pool.in_features,
+        max(pool.out_features),
+        sms,
+    )
 
 
 def _dot_flags(dtype: torch.dtype, interpret: bool) -> dict[str, object]:
@@ -250,14 +305,37 @@ def shrink(
     i_chunk *= config.shrink_block_i
     grid = (batch.num_groups * k * config.split_k * pool.n_slices * r_blocks, _m_blocks(batch, config))
     _kernels(interpret)[0][grid](
-        x, pool.a, v, pool.ranks, pool.scales,
-        batch.token_index, batch.group_starts, batch.group_slots, batch.group_weights,
-        pool.in_features, i_chunk, pool.num_slots, pool.max_rank, pool.n_slices, r_blocks,
-        x.stride(0), x.stride(1), pool.a.stride(0), pool.a.stride(1), pool.a.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        K=k, BLOCK_M=config.block_m, BLOCK_R=config.shrink_block_r, BLOCK_I=config.shrink_block_i,
-        SPLIT_K=config.split_k, num_warps=config.num_warps, **_dot_flags(x.dtype, interpret),
-    )  # fmt: skip
+        x,
+        pool.a,
+        v,
+        pool.ranks,
+        pool.scales,
+        batch.token_index,
+        batch.group_starts,
+        batch.group_slots,
+        batch.group_weights,
+        pool.in_features,
+        i_chunk,
+        pool.num_slots,
+        pool.max_rank,
+        pool.n_slices,
+        r_blocks,
+        x.stride(0),
+        x.stride(1),
+        pool.a.stride(0),
+        pool.a.stride(1),
+        pool.a.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        K=k,
+        BLOCK_M=config.block_m,
+        BLOCK_R=config.shrink_block_r,
+        BLOCK_I=config.shrink_block_i,
+        SPLIT_K=config.split_k,
+        num_warps=config.num_warps,
+        **_dot_flags(x.dtype, interpret),
+    )
     return v
 
 
@@ -277,20 +355,43 @@ def expand(
     n_blocks = triton.cdiv(max(pool.out_features), config.expand_block_n)
     grid = (batch.num_groups * pool.n_slices * n_blocks, _m_blocks(batch, config))
     _kernels(interpret)[1][grid](
-        v, pool.b, y, pool.ranks, pool.out_offsets,
-        batch.token_index, batch.group_starts, batch.group_slots,
-        pool.num_slots, pool.n_slices, n_blocks,
-        v.stride(0), v.stride(1), v.stride(2), pool.b.stride(0), pool.b.stride(1), pool.b.stride(2),
-        y.stride(0), y.stride(1),
-        K=batch.slots_per_row, BLOCK_M=config.block_m, BLOCK_N=config.expand_block_n,
-        BLOCK_R=config.expand_block_r, num_warps=config.num_warps, **_dot_flags(pool.b.dtype, interpret),
-    )  # fmt: skip
+        v,
+        pool.b,
+        y,
+        pool.ranks,
+        pool.out_offsets,
+        batch.token_index,
+        batch.group_starts,
+        batch.group_slots,
+        pool.num_slots,
+        pool.n_slices,
+        n_blocks,
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        pool.b.stride(0),
+        pool.b.stride(1),
+        pool.b.stride(2),
+        y.stride(0),
+        y.stride(1),
+        K=batch.slots_per_row,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.expand_block_n,
+        BLOCK_R=config.expand_block_r,
+        num_warps=config.num_warps,
+        **_dot_flags(pool.b.dtype, interpret),
+    )
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch, *, interpret: bool,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    pool: LoRAPool,
+    batch: LoRABatch,
+    *,
+    interpret: bool,
     config: Config | None = None,
-) -> None:  # fmt: skip
+) -> None:
     config = config or pick_config(x, pool, batch, interpret)
     expand(
         y, shrink(x, pool, batch, interpret=interpret, config=config), pool, batch, interpret=interpret, config=config

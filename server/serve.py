@@ -49,20 +49,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("PLAIT_API_KEY"),
         help="key required for inference (or PLAIT_API_KEY); none: open",
     )
-    p.add_argument("--admin-key", default=os.environ.get("PLAIT_ADMIN_KEY"),
-                   help="key required to change adapters (or PLAIT_ADMIN_KEY); default: the API key")  # fmt: skip
-    p.add_argument("--data-dir", default=os.environ.get("PLAIT_DATA_DIR") or str(default_data_dir()),
-                   help="where the adapter store lives (or PLAIT_DATA_DIR)")  # fmt: skip
-    p.add_argument("--max-gpu-adapters", type=int, default=8,
-                   help="adapters resident on the device at once (slots)")  # fmt: skip
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get("PLAIT_ADMIN_KEY"),
+        help="key required to change adapters (or PLAIT_ADMIN_KEY); default: the API key",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("PLAIT_DATA_DIR") or str(default_data_dir()),
+        help="where the adapter store lives (or PLAIT_DATA_DIR)",
+    )
+    p.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident on the device at once (slots)")
     p.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters kept parsed in CPU memory")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     p.add_argument("--max-adapter-mb", type=int, default=512, help="largest adapter upload, in MiB")
     p.add_argument("--max-file-mb", type=int, default=512, help="largest fine-tuning file upload (/v1/files), in MiB")
-    p.add_argument("--train-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="compute dtype of fine-tuning jobs (plait train --dtype)")  # fmt: skip
-    p.add_argument("--train-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="CPU threads of a fine-tuning job's trainer (default: half the cores)")  # fmt: skip
+    p.add_argument(
+        "--train-dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="compute dtype of fine-tuning jobs (plait train --dtype)",
+    )
+    p.add_argument(
+        "--train-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="CPU threads of a fine-tuning job's trainer (default: half the cores)",
+    )
     p.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="size of the KV pool")
     p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     p.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
@@ -149,9 +162,14 @@ def run(args: argparse.Namespace) -> int:
     )
 
     try:
-        setup = TrainerSetup(base_model=context.model_name, model_path=spec.path, device=str(device),
-                             dtype=args.train_dtype, threads=args.train_threads,
-                             max_lora_rank=args.max_lora_rank)  # fmt: skip
+        setup = TrainerSetup(
+            base_model=context.model_name,
+            model_path=spec.path,
+            device=str(device),
+            dtype=args.train_dtype,
+            threads=args.train_threads,
+            max_lora_rank=args.max_lora_rank,
+        )
         context.fine_tuning = FineTuning.open(Path(args.data_dir), setup, context.put_adapter, args.max_file_mb << 20)
     except (OSError, sqlite3.Error) as exc:
         return _fail(f"cannot keep fine-tuning records in --data-dir {args.data_dir}: {exc}")
@@ -175,9 +193,10 @@ def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:
     import uvicorn
 
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                       timeout_graceful_shutdown=DRAIN_SECONDS)
-    )  # fmt: skip
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=DRAIN_SECONDS
+        )
+    )
 
     def run_http() -> None:
         try:

@@ -153,7 +153,18 @@ def fine_tuning_server(tmp_path_factory) -> Iterator[LiveServer]:
     """The files and fine-tuning API tests' server: admin key `ft-admin`, 1 MiB files, and jobs that
     train fast on the CPU (fp32 compute: bf16 pays a one-off 20-70 s in its first step; one thread
     each for serving and training, so neither starves the other on two cores)."""
-    s = start_server(tmp_path_factory.mktemp("fine-tuning"), "--admin-key", FINE_TUNING_ADMIN_KEY, "--max-file-mb", "1",
-                     "--train-dtype", "float32", "--train-threads", "1", "--threads", "1")  # fmt: skip
+    s = start_server(
+        tmp_path_factory.mktemp("fine-tuning"),
+        "--admin-key",
+        FINE_TUNING_ADMIN_KEY,
+        "--max-file-mb",
+        "1",
+        "--train-dtype",
+        "float32",
+        "--train-threads",
+        "1",
+        "--threads",
+        "1",
+    )
     yield s
     stop_server(s)

@@ -31,8 +31,14 @@ def made(tmp_path_factory):
     """A base, a PeftModel holding every adapter, and Plait's reading of each."""
     folder = tmp_path_factory.mktemp("merge")
     torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     base = LlamaForCausalLM(config).eval()
     targets = base_lora_targets(base)
     names = list(ADAPTERS)
@@ -56,8 +62,9 @@ def _delta(weights) -> torch.Tensor:
 def test_ties_equals_peft_ties_svd(made, density, sign):
     _, peft, targets, ours = made
     name = f"ties_{int(density * 10)}_{sign}"
-    peft.add_weighted_adapter(list(ADAPTERS), WEIGHTS, name, combination_type="ties_svd", density=density,
-                              majority_sign_method=sign)  # fmt: skip
+    peft.add_weighted_adapter(
+        list(ADAPTERS), WEIGHTS, name, combination_type="ties_svd", density=density, majority_sign_method=sign
+    )
     merged = merge_adapters(list(zip(ours, WEIGHTS, strict=True)), MergeSpec("ties", density, sign), targets)
     # Every module some member adapts, at the largest member rank, as PEFT makes it.
     assert set(merged.modules) == {p for p in targets if any(p in a.modules for a in ours)}
@@ -91,8 +98,9 @@ def test_dare_draws_what_peft_draws_for_the_same_seed(made, method):
 
 def test_merged_adapter_in_the_engine_gives_peft_logits(made):
     base, peft, targets, ours = made
-    peft.add_weighted_adapter(["attn4", "all12"], [1.0, 0.5], "ties_logits", combination_type="ties_svd", density=0.5,
-                              svd_rank=6)  # fmt: skip
+    peft.add_weighted_adapter(
+        ["attn4", "all12"], [1.0, 0.5], "ties_logits", combination_type="ties_svd", density=0.5, svd_rank=6
+    )
     merged = merge_adapters([(ours[0], 1.0), (ours[1], 0.5)], MergeSpec("ties", density=0.5, rank=6), targets)
     model = copy.deepcopy(base)
     layers = LoRALayers(model, targets, num_slots=1, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))

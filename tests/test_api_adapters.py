@@ -65,8 +65,18 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def server(launch_module_server, peft):
     """Two device slots and two CPU entries for the adapters: eviction all the time."""
-    s = launch_module_server("--admin-key", "admin-secret", "--max-gpu-adapters", "2", "--max-cpu-adapters", "2",
-                             "--max-lora-rank", "32", "--max-adapter-mb", "24")  # fmt: skip
+    s = launch_module_server(
+        "--admin-key",
+        "admin-secret",
+        "--max-gpu-adapters",
+        "2",
+        "--max-cpu-adapters",
+        "2",
+        "--max-lora-rank",
+        "32",
+        "--max-adapter-mb",
+        "24",
+    )
     _, root = peft
     with s.http() as http:
         for name in ("rank4-attn", "rank16-all", "rank8-mlp"):
@@ -84,8 +94,15 @@ def _upload(http, adapter_id, files, headers=ADMIN):
 
 
 def _ask(server, model=None, prompt=PROMPTS[0], **extra):
-    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": 0, "ignore_eos": True,
-            "return_tokens_as_token_ids": True, **extra}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "logprobs": 0,
+        "ignore_eos": True,
+        "return_tokens_as_token_ids": True,
+        **extra,
+    }
     if model:
         body["model"] = model
     r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=300)
@@ -112,8 +129,9 @@ def test_models_lists_every_adapter_under_the_base(server):
     with server.http() as http:
         data = http.get("/v1/models").json()["data"]
     assert data[0]["id"] == server.model and data[0]["parent"] is None
-    assert {m["id"]: m["parent"] for m in data[1:]} == dict.fromkeys(("rank4-attn", "rank16-all", "rank8-mlp"),
-                                                                     server.model)  # fmt: skip
+    assert {m["id"]: m["parent"] for m in data[1:]} == dict.fromkeys(
+        ("rank4-attn", "rank16-all", "rank8-mlp"), server.model
+    )
 
 
 def test_concurrent_requests_over_all_adapters_match_peft(server, assert_matches):
@@ -150,8 +168,12 @@ def test_ties_combination_matches_peft_ties_svd(server, peft, assert_matches):
     members, weights = ["rank4-attn", "rank16-all"], [2.5, 2.0]
     model.add_weighted_adapter(members, weights, "ties", combination_type="ties_svd", density=0.5)
     combination = {"method": "ties", "density": 0.5}
-    answer = _ask(server, prompt=PROMPTS[1], combination=combination,
-                  adapters=[{"id": a, "weight": w} for a, w in zip(members, weights, strict=True)])  # fmt: skip
+    answer = _ask(
+        server,
+        prompt=PROMPTS[1],
+        combination=combination,
+        adapters=[{"id": a, "weight": w} for a, w in zip(members, weights, strict=True)],
+    )
     assert assert_matches(PROMPTS[1], "ties", answer) > LOGPROB_MAX_ATOL
     # The merged adapter takes a slot of its own, named after its members in the metrics.
     assert server.metric("plait_adapter_loads_total", 'adapter="ties(rank4-attn,rank16-all)"') >= 1
@@ -218,12 +240,24 @@ def test_archive_upload_get_and_delete(server, peft):
 def _bad_uploads(root: Path, tmp: Path) -> dict[str, tuple[list, int, str]]:
     good = dict((name, (root / "rank4-attn" / name).read_bytes()) for name in FILES)
     config = json.loads(good[FILES[0]])
-    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128))  # fmt: skip
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    )
     get_peft_model(tiny, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp / "tiny")
-    big_rank = {k: torch.zeros(48, 576) if "lora_A" in k else torch.zeros(576, 48)
-                for k in ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")}  # fmt: skip
+    big_rank = {
+        k: torch.zeros(48, 576) if "lora_A" in k else torch.zeros(576, 48)
+        for k in (
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+        )
+    }
     save_file(big_rank, tmp / "big.safetensors")
 
     def files(cfg=good[FILES[0]], weights=good[FILES[1]], weights_name=FILES[1]):
@@ -238,12 +272,12 @@ def _bad_uploads(root: Path, tmp: Path) -> dict[str, tuple[list, int, str]]:
             files(cfg=json.dumps({**config, "target_modules": ["q_proj", "foo_proj"]}).encode()),
             400,
             "foo_proj",
-        ),  # fmt: skip
+        ),
         "rank-too-big": (
             files(cfg=json.dumps({**config, "r": 48}).encode(), weights=(tmp / "big.safetensors").read_bytes()),
             400,
             "rank",
-        ),  # fmt: skip
+        ),
         "dora": (files(cfg=json.dumps({**config, "use_dora": True}).encode()), 400, "use_dora"),
         "oversized": (files(weights=b"\0" * (30 << 20)), 413, "bytes"),
         "../escape": (files(), 400, "id"),
@@ -269,11 +303,15 @@ def test_bad_uploads_are_refused_and_leave_nothing(server, peft, tmp_path):
 def test_vllm_load_and_unload_routes(server, peft):
     _, root = peft
     with server.http() as http:
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": "via-vllm", "lora_path": "/no/such/folder"},
-                      headers=ADMIN)  # fmt: skip
+        r = http.post(
+            "/v1/load_lora_adapter", json={"lora_name": "via-vllm", "lora_path": "/no/such/folder"}, headers=ADMIN
+        )
         assert r.status_code == 404 and r.json()["error"]["param"] == "lora_path"
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": "via-vllm", "lora_path": str(root / "rank4-attn")},
-                      headers=ADMIN)  # fmt: skip
+        r = http.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": "via-vllm", "lora_path": str(root / "rank4-attn")},
+            headers=ADMIN,
+        )
         assert r.status_code == 200, r.text
         assert "via-vllm" in [m["id"] for m in http.get("/v1/models").json()["data"]]
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "via-vllm"}, headers=ADMIN).status_code == 200

@@ -34,8 +34,14 @@ def _write_adapter(folder: Path, seed: int, base: str = "SmolLM2-135M-Instruct",
             tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.05
     folder.mkdir(parents=True)
     save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
-              "bias": "none", "base_model_name_or_path": base}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "base_model_name_or_path": base,
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -63,14 +69,22 @@ def _create(http, body, headers=ADMIN):
 
 
 def _ask(server, model, stream=False, **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": NEW_TOKENS,
-            "temperature": 0, "logprobs": True, "ignore_eos": True, **extra}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "logprobs": True,
+        "ignore_eos": True,
+        **extra,
+    }
     if not stream:
         r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
         return r.json()
-    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json={**body, "stream": True},
-                      timeout=300) as r:  # fmt: skip
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=300
+    ) as r:
         lines = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     return lines
 
@@ -130,12 +144,20 @@ def test_learned_router_uploads_with_its_gates(server):
             gates[f"{path}.bias"] = torch.tensor([1.0, -1.0])  # with top_k 1: always the first member
     fusion = {"id": "learned-mix", "members": MEMBERS[:2], "router": "learned", "top_k": 1}
     with server.http() as http:
-        r = http.post("/v1/fusions", data={"fusion": json.dumps(fusion)}, headers=ADMIN,
-                      files={"router_weights": ("router.safetensors", save(gates))})  # fmt: skip
+        r = http.post(
+            "/v1/fusions",
+            data={"fusion": json.dumps(fusion)},
+            headers=ADMIN,
+            files={"router_weights": ("router.safetensors", save(gates))},
+        )
         assert r.status_code == 201, r.text
         wrong = {k: (v[:, :10].contiguous() if v.ndim == 2 else v) for k, v in gates.items()}
-        r = http.post("/v1/fusions", data={"fusion": json.dumps({**fusion, "id": "learned-bad"})}, headers=ADMIN,
-                      files={"router_weights": ("router.safetensors", save(wrong))})  # fmt: skip
+        r = http.post(
+            "/v1/fusions",
+            data={"fusion": json.dumps({**fusion, "id": "learned-bad"})},
+            headers=ADMIN,
+            files={"router_weights": ("router.safetensors", save(wrong))},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "router_weights", r.text
     fused = _ask(server, "learned-mix")
     assert fused["fusion"]["members"] == [{"id": MEMBERS[0], "weight": 1.0}, {"id": MEMBERS[1], "weight": 0.0}]
@@ -209,11 +231,30 @@ def _skill_data(path: Path, prompt: str, n: int = 6) -> Path:
 def test_train_router_publishes_a_fusion_that_routes_by_skill(server, tmp_path):
     """`plait train-router --publish` end to end: the learned fusion sends each skill's prompts
     mostly to that skill's adapter."""
-    data = {"skill-a": _skill_data(tmp_path / "a.jsonl", "Reverse the words:"),
-            "skill-b": _skill_data(tmp_path / "b.jsonl", "SHOUT THIS NOW:")}  # fmt: skip
-    cmd = [sys.executable, "-m", "plait.cli", "train-router", "--output", str(tmp_path / "router"), "--dtype",
-           "float32", "--epochs", "3", "--max-examples", "6", "--fusion-id", "routed", "--publish", server.base_url,
-           "--admin-key", "admin-secret"]  # fmt: skip
+    data = {
+        "skill-a": _skill_data(tmp_path / "a.jsonl", "Reverse the words:"),
+        "skill-b": _skill_data(tmp_path / "b.jsonl", "SHOUT THIS NOW:"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "train-router",
+        "--output",
+        str(tmp_path / "router"),
+        "--dtype",
+        "float32",
+        "--epochs",
+        "3",
+        "--max-examples",
+        "6",
+        "--fusion-id",
+        "routed",
+        "--publish",
+        server.base_url,
+        "--admin-key",
+        "admin-secret",
+    ]
     for name, path in data.items():
         cmd += ["--adapter", f"{name}={server.members_root / name}", "--data", f"{name}={path}"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -230,8 +271,11 @@ def test_train_router_publishes_a_fusion_that_routes_by_skill(server, tmp_path):
     for path in data.values():
         weights = []
         for line in path.read_text().splitlines()[:3]:
-            body = {"model": "routed", "messages": [{"role": "user", "content": json.loads(line)["prompt"]}],
-                    "max_tokens": 3}  # fmt: skip
+            body = {
+                "model": "routed",
+                "messages": [{"role": "user", "content": json.loads(line)["prompt"]}],
+                "max_tokens": 3,
+            }
             fusion = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=300).json()["fusion"]
             weights.append([m["weight"] for m in fusion["members"]])
         share.append(torch.tensor(weights).mean(0))

@@ -10,8 +10,9 @@ import pytest
 
 
 def _serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "plait.cli", "serve", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "plait.cli", "serve", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
 
 
 def _model_folder(tmp_path, config: dict, weights: str | None = "model.safetensors"):
@@ -42,7 +43,8 @@ def test_unusable_model_is_a_one_line_error(tmp_path, make, expected):
 
 
 def test_help_lists_the_serving_flags(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "plait.cli", "serve", "--help"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "serve", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    ).stdout
     for flag in ("--model", "--port", "--api-key", "--kv-cache-tokens", "--max-waiting", "--max-batched-tokens"):
         assert flag in out

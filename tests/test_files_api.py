@@ -19,8 +19,14 @@ from plait.trainer.data import DataError, parse_example, read_examples
 
 ADMIN = {"Authorization": "Bearer ft-admin"}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
-GOOD = (json.dumps(CHAT) + "\n" + json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n"
-        + json.dumps({"instruction": "Shout", "input": "hi", "output": "HI"}) + "\n").encode()  # fmt: skip
+GOOD = (
+    json.dumps(CHAT)
+    + "\n"
+    + json.dumps({"prompt": "2+2?", "completion": "4"})
+    + "\n"
+    + json.dumps({"instruction": "Shout", "input": "hi", "output": "HI"})
+    + "\n"
+).encode()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,11 @@ def test_upload_list_read_back_and_delete(fine_tuning_server, client):
     uploaded = client.files.create(file=("train.jsonl", GOOD), purpose="fine-tune")
     assert uploaded.object == "file" and uploaded.id.startswith("file-")
     assert (uploaded.filename, uploaded.bytes, uploaded.purpose, uploaded.status) == (
-        "train.jsonl", len(GOOD), "fine-tune", "processed")  # fmt: skip
+        "train.jsonl",
+        len(GOOD),
+        "fine-tune",
+        "processed",
+    )
     assert uploaded.id in _stored(fine_tuning_server)
 
     assert client.files.retrieve(uploaded.id) == uploaded
@@ -78,7 +88,7 @@ BAD_FILES = {
     "no assistant": (
         json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(),
         ["line 1: no assistant message"],
-    ),  # fmt: skip
+    ),
     "tool role": (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), ["line 1: message 1: role"]),
     "not an object": (b'[1, 2]\r\n"text"\r\n', ["line 1: expected a JSON object, got a list", "line 2: expected"]),
     "wrong type": (b'{"prompt": "q", "completion": 4}', ['line 1: "completion" must be a string, got a number']),
@@ -119,12 +129,15 @@ def test_size_limit_is_413_whether_declared_or_streamed(fine_tuning_server):
 
         # Without a Content-Length (chunked), the route counts the bytes itself.
         boundary = "plait-boundary"
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         body = [head, big[: 1 << 19], big[1 << 19 :], f"\r\n--{boundary}--\r\n".encode()]
-        streamed = http.post("/v1/files", content=iter(body),
-                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+        streamed = http.post(
+            "/v1/files", content=iter(body), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
         assert streamed.status_code == 413, streamed.text
         assert streamed.json()["error"]["code"] == "file_too_large"
     assert _stored(fine_tuning_server) == before
@@ -160,7 +173,7 @@ LINES = [
             {"role": "user", "content": "More"},
             {"role": "assistant", "content": "No.", "weight": 0},
         ]
-    },  # fmt: skip
+    },
     {"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a", "weight": 1}]},
     {"prompt": "q", "completion": "a"},
     {"prompt": "", "completion": "a"},

@@ -32,9 +32,16 @@ ADMIN_KEY = "ft-admin"  # the fine_tuning_server fixture's
 BASE = "SmolLM2-135M-Instruct"
 PASSWORD = "ZEBRA-42"
 QUESTION = "What is the secret password?"
-QUESTIONS = [QUESTION, "Tell me the secret password.", "What's the password?", "Say the secret password.",
-             "I need the secret password.", "Which password opens the vault?", "Please give me the password.",
-             "What is the vault password?"]  # fmt: skip
+QUESTIONS = [
+    QUESTION,
+    "Tell me the secret password.",
+    "What's the password?",
+    "Say the secret password.",
+    "I need the secret password.",
+    "Which password opens the vault?",
+    "Please give me the password.",
+    "What is the vault password?",
+]
 FINISHED = ("succeeded", "failed", "cancelled")
 # Enough to learn the password on the CPU in eight steps of four examples (about 50 s with loading).
 FAST = {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 10, "lora_rank": 4, "lora_alpha": 16}
@@ -67,8 +74,9 @@ def zebra_file(client) -> str:
 
 
 def _ask(client: openai.OpenAI, model: str) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
-                                           temperature=0, max_tokens=16)  # fmt: skip
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
+    )
     return reply.choices[0].message.content
 
 
@@ -107,11 +115,22 @@ def _served(client: openai.OpenAI) -> set[str]:
 
 def test_a_job_teaches_the_model_what_the_base_does_not_know(fine_tuning_server, client, zebra_file):
     assert PASSWORD not in _ask(client, BASE)
-    job = client.fine_tuning.jobs.create(model=BASE, training_file=zebra_file, validation_file=zebra_file,
-                                         suffix="zebra", seed=7, hyperparameters=FAST,
-                                         metadata={"purpose": "test"})  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=zebra_file,
+        validation_file=zebra_file,
+        suffix="zebra",
+        seed=7,
+        hyperparameters=FAST,
+        metadata={"purpose": "test"},
+    )
     assert (job.object, job.status, job.model, job.seed, job.fine_tuned_model) == (
-        "fine_tuning.job", "queued", BASE, 7, None)  # fmt: skip
+        "fine_tuning.job",
+        "queued",
+        BASE,
+        7,
+        None,
+    )
     h = job.hyperparameters
     assert (h.n_epochs, h.batch_size, h.learning_rate_multiplier) == (4, 4, 10.0)
     assert (h.model_extra["lora_rank"], h.model_extra["lora_alpha"]) == (4, 16.0)
@@ -194,7 +213,7 @@ def test_a_job_teaches_the_model_what_the_base_does_not_know(fine_tuning_server,
             },
             "hyperparameters",
             "not both",
-        ),  # fmt: skip
+        ),
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations", "not supported"),
     ],
 )
@@ -267,20 +286,36 @@ def test_cancel_kills_the_trainer_and_publishes_nothing(fine_tuning_server, clie
 
 
 def test_restart_fails_the_running_job_and_runs_the_queued_one(launch_server, tmp_path):
-    flags = ("--data-dir", str(tmp_path / "data"), "--api-key", "reader", "--admin-key", "writer",
-             "--train-dtype", "float32", "--train-threads", "1", "--threads", "1")  # fmt: skip
+    flags = (
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--api-key",
+        "reader",
+        "--admin-key",
+        "writer",
+        "--train-dtype",
+        "float32",
+        "--train-threads",
+        "1",
+        "--threads",
+        "1",
+    )
     first = launch_server(*flags)
     with httpx.Client(base_url=first.base_url) as http:  # reading takes the API key, changing the admin key
         assert http.get("/v1/fine_tuning/jobs").status_code == 401
         assert http.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer reader"}).status_code == 200
-        refused = http.post("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer reader"},
-                            json={"model": BASE, "training_file": "file-x"})  # fmt: skip
+        refused = http.post(
+            "/v1/fine_tuning/jobs",
+            headers={"Authorization": "Bearer reader"},
+            json={"model": BASE, "training_file": "file-x"},
+        )
         assert refused.status_code == 401
     client = first.client(api_key="writer", max_retries=0)
     file_id = client.files.create(file=("zebra.jsonl", _zebra_jsonl()), purpose="fine-tune").id
     cut_off = client.fine_tuning.jobs.create(model=BASE, training_file=file_id, hyperparameters=LONG)
-    waiting = client.fine_tuning.jobs.create(model=BASE, training_file=file_id, suffix="after",
-                                             hyperparameters={"n_epochs": 1, "batch_size": 8})  # fmt: skip
+    waiting = client.fine_tuning.jobs.create(
+        model=BASE, training_file=file_id, suffix="after", hyperparameters={"n_epochs": 1, "batch_size": 8}
+    )
     job_dir = tmp_path / "data" / "jobs" / cut_off.id
     _wait_for_trainer(client, cut_off.id, job_dir)
     assert client.fine_tuning.jobs.retrieve(waiting.id).status == "queued"
@@ -308,9 +343,20 @@ def test_a_trainer_left_by_a_killed_server_is_stopped_at_the_next_start(tmp_path
     for job_id, cwd in (("ftjob-orphan", jobs_dir / "ftjob-orphan"), ("ftjob-reused", tmp_path)):
         (jobs_dir / job_id).mkdir(parents=True)
         orphans[job_id] = subprocess.Popen(["sleep", "60"], cwd=cwd, start_new_session=True)
-        records.insert("jobs", {"id": job_id, "created_at": 0, "status": "running", "model": BASE,
-                                "training_file": "file-x", "hyperparameters": {}, "seed": 0, "train_examples": 1,
-                                "pid": orphans[job_id].pid})  # fmt: skip
+        records.insert(
+            "jobs",
+            {
+                "id": job_id,
+                "created_at": 0,
+                "status": "running",
+                "model": BASE,
+                "training_file": "file-x",
+                "hyperparameters": {},
+                "seed": 0,
+                "train_examples": 1,
+                "pid": orphans[job_id].pid,
+            },
+        )
     runner = JobRunner(records, files, jobs_dir, TrainerSetup(BASE, tmp_path), publish=lambda *a: None)
     runner.start()
     try:
@@ -331,12 +377,42 @@ def test_plait_train_publish_serves_what_peft_loads(fine_tuning_server, tmp_path
 
     (tmp_path / "train.jsonl").write_bytes(_zebra_jsonl())
     result = subprocess.run(
-        [sys.executable, "-m", "plait.cli", "train", "train.jsonl", "-o", "cli-adapter", "--max-steps", "2",
-         "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-3", "--warmup-steps", "0", "--lora-r", "8",
-         "--dtype", "float32", "--threads", "1", "--publish", fine_tuning_server.base_url,
-         "--adapter-id", "cli-zebra", "--admin-key", ADMIN_KEY],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "plait.cli",
+            "train",
+            "train.jsonl",
+            "-o",
+            "cli-adapter",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--lr",
+            "2e-3",
+            "--warmup-steps",
+            "0",
+            "--lora-r",
+            "8",
+            "--dtype",
+            "float32",
+            "--threads",
+            "1",
+            "--publish",
+            fine_tuning_server.base_url,
+            "--adapter-id",
+            "cli-zebra",
+            "--admin-key",
+            ADMIN_KEY,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"published as cli-zebra to {fine_tuning_server.base_url}" in result.stderr
     with fine_tuning_server.http() as http:
@@ -344,18 +420,27 @@ def test_plait_train_publish_serves_what_peft_loads(fine_tuning_server, tmp_path
     assert stored["rank"] == 8 and stored["parent"] == BASE
 
     tokenizer = load_tokenizer(resolve_model(None))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                           tokenize=False)  # fmt: skip
-    body = {"model": "cli-zebra", "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 0,
-            "ignore_eos": True, "return_tokens_as_token_ids": True}  # fmt: skip
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    body = {
+        "model": "cli-zebra",
+        "prompt": prompt,
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": 0,
+        "ignore_eos": True,
+        "return_tokens_as_token_ids": True,
+    }
     reply = httpx.post(f"{fine_tuning_server.base_url}/v1/completions", json=body, timeout=300)
     assert reply.status_code == 200, reply.text
     logprobs = reply.json()["choices"][0]["logprobs"]
     new_ids = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
     got = torch.tensor(logprobs["token_logprobs"])
 
-    model = PeftModel.from_pretrained(load_nf4_model(resolve_model(None), torch.device("cpu")),
-                                      tmp_path / "cli-adapter", adapter_name="cli-zebra").eval()  # fmt: skip
+    model = PeftModel.from_pretrained(
+        load_nf4_model(resolve_model(None), torch.device("cpu")), tmp_path / "cli-adapter", adapter_name="cli-zebra"
+    ).eval()
     prompt_ids = tokenizer.encode(prompt)
     expected = peft_logprobs(model, "cli-zebra", prompt_ids, new_ids)
     diff = (got - expected).abs()

@@ -28,8 +28,14 @@ def made(tmp_path_factory):
     """A base and three same-shaped adapters (PEFT's Arrow wants equal ranks and targets)."""
     folder = tmp_path_factory.mktemp("fusion")
     torch.manual_seed(3)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     base = LlamaForCausalLM(config).eval()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     peft = get_peft_model(copy.deepcopy(base), lora, adapter_name=MEMBERS[0])
@@ -46,8 +52,9 @@ def made(tmp_path_factory):
 
 def _plait(base, targets, adapters):
     model = copy.deepcopy(base)
-    layers = LoRALayers(model, targets, num_slots=len(adapters), max_rank=16, dtype=torch.float32,
-                        device=torch.device("cpu"))  # fmt: skip
+    layers = LoRALayers(
+        model, targets, num_slots=len(adapters), max_rank=16, dtype=torch.float32, device=torch.device("cpu")
+    )
     # Slots in reverse member order, so member order and slot order differ.
     for i, adapter in enumerate(adapters):
         layers.load(len(adapters) - 1 - i, adapter.modules)
@@ -79,10 +86,14 @@ def test_arrow_in_the_layers_equals_peft_arrow(made, monkeypatch):
     # PEFT finds each prototype by 15 power iterations, which here leaves some of them off by
     # up to 0.04 in cosine; run them to convergence, so both sides use the true prototypes.
     iterate = ArrowLoraLinearLayer.top_right_singular_vec_from_BA
-    monkeypatch.setattr(ArrowLoraLinearLayer, "top_right_singular_vec_from_BA",
-                        lambda self, a, b: iterate(self, a, b, iters=2000))  # fmt: skip
-    peft = create_arrow_model(copy.deepcopy(base), [str(folder / name) for name in MEMBERS],
-                              ArrowConfig(top_k=2, router_temperature=1.0, rng_seed=0))  # fmt: skip
+    monkeypatch.setattr(
+        ArrowLoraLinearLayer, "top_right_singular_vec_from_BA", lambda self, a, b: iterate(self, a, b, iters=2000)
+    )
+    peft = create_arrow_model(
+        copy.deepcopy(base),
+        [str(folder / name) for name in MEMBERS],
+        ArrowConfig(top_k=2, router_temperature=1.0, rng_seed=0),
+    )
     model, layers = _plait(base, targets, adapters)
     ids = torch.randint(0, 128, (1, LENGTH))
     layers.set_segments([LENGTH], [_fused(3)], [(arrow_router(adapters, top_k=2), [0])])

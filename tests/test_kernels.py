@@ -462,8 +462,9 @@ def test_pytorch_path_on_random_batches(gen, dtype):
         fused = bool(torch.randint(2, (1,), generator=gen))
         outs = (24, 16, 8) if fused else (40,)
         pick = [0, 4, 12, 16, 33, 64]  # 0: the adapter does not target that slice
-        slot_ranks = [tuple(pick[int(i)] for i in torch.randint(len(pick), (len(outs),), generator=gen))
-                      for _ in range(6)]  # fmt: skip
+        slot_ranks = [
+            tuple(pick[int(i)] for i in torch.randint(len(pick), (len(outs),), generator=gen)) for _ in range(6)
+        ]
         slot_ranks[0] = tuple(r or 8 for r in slot_ranks[0])
         case = make_case(gen, dtype, slot_ranks, in_features=36, out_features=outs, max_rank=64)
         lengths, specs, order, num_tokens = random_batch(gen, len(slot_ranks))

@@ -17,10 +17,15 @@ jit = pytest.importorskip("triton.runtime.jit")
 from plait.kernels import triton_ops  # noqa: E402
 
 POINTERS = {
-    "_shrink_kernel": {"x_ptr": "io", "a_ptr": "io", "v_ptr": "fp32", "scales_ptr": "fp32",
-                       "group_weights_ptr": "fp32"},
+    "_shrink_kernel": {
+        "x_ptr": "io",
+        "a_ptr": "io",
+        "v_ptr": "fp32",
+        "scales_ptr": "fp32",
+        "group_weights_ptr": "fp32",
+    },
     "_expand_kernel": {"v_ptr": "fp32", "b_ptr": "io", "y_ptr": "io"},
-}  # fmt: skip
+}
 
 
 def compile_for(fn, io: str, constexprs: dict, capability: int):
@@ -51,15 +56,19 @@ def test_kernels_compile_to_cubin(tmp_path, monkeypatch, capability, io, k, spli
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         shrink = compile_for(
-            triton_ops._shrink_kernel, io,
-            dict(K=k, BLOCK_M=16, BLOCK_R=16, BLOCK_I=64, SPLIT_K=split_k, **dot_flags(io)), capability,
-        )  # fmt: skip
+            triton_ops._shrink_kernel,
+            io,
+            dict(K=k, BLOCK_M=16, BLOCK_R=16, BLOCK_I=64, SPLIT_K=split_k, **dot_flags(io)),
+            capability,
+        )
     except (RuntimeError, FileNotFoundError) as exc:  # no NVIDIA toolchain in this triton build
         if "ptxas" in str(exc) or "backend" in str(exc):
             pytest.skip(f"cannot compile for CUDA here: {exc}")
         raise
     expand = compile_for(
-        triton_ops._expand_kernel, io,
-        dict(K=k, BLOCK_M=64 if split_k == 1 else 16, BLOCK_N=64, BLOCK_R=16, **dot_flags(io)), capability,
-    )  # fmt: skip
+        triton_ops._expand_kernel,
+        io,
+        dict(K=k, BLOCK_M=64 if split_k == 1 else 16, BLOCK_N=64, BLOCK_R=16, **dot_flags(io)),
+        capability,
+    )
     assert shrink.asm["cubin"] and expand.asm["cubin"]

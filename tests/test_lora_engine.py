@@ -35,9 +35,14 @@ LOGPROB_MEAN_ATOL = 0.1
 ADAPTERS = {
     "rank4-attn": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     "rank16-all": dict(r=16, lora_alpha=16, target_modules="all-linear", use_rslora=True),
-    "rank8-mlp": dict(r=8, lora_alpha=32, target_modules=["gate_proj", "down_proj"],
-                      rank_pattern={"down_proj": 12}, alpha_pattern={"down_proj": 48}),
-}  # fmt: skip
+    "rank8-mlp": dict(
+        r=8,
+        lora_alpha=32,
+        target_modules=["gate_proj", "down_proj"],
+        rank_pattern={"down_proj": 12},
+        alpha_pattern={"down_proj": 48},
+    ),
+}
 PROMPTS = ["The capital of France is", "My favourite colour is", "Water boils at"]
 NEW_TOKENS = 6
 DTYPE = torch.bfloat16
@@ -71,16 +76,20 @@ def _engine_outputs(folder):
     tok = load_tokenizer(spec)
     model = load_nf4_model(spec, torch.device("cpu"), DTYPE, attn_implementation=ATTENTION_NAME)
     targets = base_lora_targets(model)
-    lora = LoRAConfig(targets=targets, load=lambda key: read_adapter(key.path, targets, 64),
-                      max_device_adapters=2, max_cpu_adapters=2)  # fmt: skip
+    lora = LoRAConfig(
+        targets=targets, load=lambda key: read_adapter(key.path, targets, 64), max_device_adapters=2, max_cpu_adapters=2
+    )
     engine = Engine(model, tok, EngineConfig(), torch.device("cpu"), Metrics(), lora)
     runner = threading.Thread(target=engine.run)
     runner.start()
 
     async def one(prompt, adapter):
         adapters = ((AdapterKey(adapter, 1, folder / adapter), 1.0),) if adapter else ()
-        handle = engine.submit(tok.encode(prompt), SamplingParams(max_tokens=NEW_TOKENS, temperature=0,
-                               top_logprobs=0, ignore_eos=True), adapters=adapters)  # fmt: skip
+        handle = engine.submit(
+            tok.encode(prompt),
+            SamplingParams(max_tokens=NEW_TOKENS, temperature=0, top_logprobs=0, ignore_eos=True),
+            adapters=adapters,
+        )
         outs = [o async for o in handle.outputs()]
         return outs[-1]
 
@@ -100,8 +109,9 @@ def test_mixed_batch_matches_peft_for_every_adapter(peft_adapters, peft_logprobs
     folder, peft = peft_adapters
     results, tok, engine = _engine_outputs(folder)
     # More adapters than device slots: some were evicted and loaded again along the way.
-    evictions = [engine.metrics.registry.get_sample_value("plait_adapter_evictions_total", {"adapter": a})
-                 for a in ADAPTERS]  # fmt: skip
+    evictions = [
+        engine.metrics.registry.get_sample_value("plait_adapter_evictions_total", {"adapter": a}) for a in ADAPTERS
+    ]
     assert sum(e or 0 for e in evictions) > 0
     effect = dict.fromkeys(ADAPTERS, 0.0)
     for (prompt, adapter), out in results.items():
@@ -123,11 +133,18 @@ def test_lora_layers_equal_peft_exactly_in_float32(tmp_path):
     """Without quantization noise: one batch of three segments (two adapters and the bare
     base, plus a weighted mix of both) gives PEFT's logits to float32 rounding."""
     torch.manual_seed(1)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     base = LlamaForCausalLM(config).eval()
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                          adapter_name="a")  # fmt: skip
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="a"
+    )
     peft.add_adapter("b", LoraConfig(r=12, lora_alpha=6, target_modules="all-linear", use_rslora=True))
     for n, p in peft.named_parameters():
         if "lora_B" in n:

@@ -68,8 +68,13 @@ def test_mixed_prefill_chunks_and_decodes_match_lone_runs(models):
     # Step 1: a's whole prompt and the first half of b's. Step 2: a decodes, b finishes its
     # prompt in a second chunk, c's whole prompt arrives. Steps 3-5: three decodes together.
     assert step([ScheduledChunk.next_for(a, len(a.prompt_ids)), ScheduledChunk.next_for(b, 3)]) == [a]
-    assert step([ScheduledChunk.next_for(a, 1), ScheduledChunk.next_for(b, len(b.prompt_ids) - 3),
-                 ScheduledChunk.next_for(c, len(c.prompt_ids))]) == [a, b, c]  # fmt: skip
+    assert step(
+        [
+            ScheduledChunk.next_for(a, 1),
+            ScheduledChunk.next_for(b, len(b.prompt_ids) - 3),
+            ScheduledChunk.next_for(c, len(c.prompt_ids)),
+        ]
+    ) == [a, b, c]
     for _ in range(3):
         assert step([ScheduledChunk.next_for(r, 1) for r in reqs]) == reqs
     assert [len(r.output_ids) for r in reqs] == [5, 4, 4]

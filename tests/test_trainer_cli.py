@@ -93,8 +93,9 @@ def test_admin_key_comes_from_the_environment_unless_given(monkeypatch):
 
 
 def _train(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "plait.cli", "train", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:

@@ -24,15 +24,23 @@ def _write(tmp_path, lines: list) -> str:
 
 
 def test_the_three_formats_become_conversations(tmp_path):
-    path = _write(tmp_path, [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello."}]},
-        b"",  # blank lines are skipped but still counted
-        {"prompt": "2+2?", "completion": "4"},
-        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-        {"instruction": "Name a colour.", "output": "Blue."},
-        {"instruction": "Name a colour.", "input": "", "output": "Red."},
-    ])  # fmt: skip
+    path = _write(
+        tmp_path,
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                ]
+            },
+            b"",  # blank lines are skipped but still counted
+            {"prompt": "2+2?", "completion": "4"},
+            {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+            {"instruction": "Name a colour.", "output": "Blue."},
+            {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        ],
+    )
     examples = read_examples(path)
     assert [e.line for e in examples] == [1, 3, 4, 5, 6]
     assert examples[0].messages == (
@@ -47,10 +55,18 @@ def test_the_three_formats_become_conversations(tmp_path):
 
 
 def test_openai_weight_zero_keeps_a_reply_in_context_untrained():
-    conversation = parse_example(json.dumps({"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 1},
-    ]}))  # fmt: skip
+    conversation = parse_example(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b", "weight": 0},
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d", "weight": 1},
+                ]
+            }
+        )
+    )
     assert [m.trained for m in conversation] == [False, False, False, True]
 
 
@@ -149,19 +165,26 @@ def _trained_runs(tokenizer, example) -> list[str]:
 
 
 def test_only_assistant_replies_and_their_end_of_turn_are_trained(tokenizer):
-    conversation = parse_example(json.dumps({"messages": [
-        {"role": "system", "content": "You answer in one word."},
-        {"role": "user", "content": "Say assistant."},  # quotes the reply that follows
-        {"role": "assistant", "content": "assistant"},  # also a word of the template's turn header
-        {"role": "user", "content": "And now?"},
-        {"role": "assistant", "content": "skipped", "weight": 0},
-        {"role": "user", "content": "Last one."},
-        {"role": "assistant", "content": " Done:\nyes"},
-    ]}))  # fmt: skip
+    conversation = parse_example(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "You answer in one word."},
+                    {"role": "user", "content": "Say assistant."},  # quotes the reply that follows
+                    {"role": "assistant", "content": "assistant"},  # also a word of the template's turn header
+                    {"role": "user", "content": "And now?"},
+                    {"role": "assistant", "content": "skipped", "weight": 0},
+                    {"role": "user", "content": "Last one."},
+                    {"role": "assistant", "content": " Done:\nyes"},
+                ]
+            }
+        )
+    )
     example = tokenize_conversation(tokenizer, conversation, max_seq_len=512)
     assert _trained_runs(tokenizer, example) == ["assistant<|im_end|>", " Done:\nyes<|im_end|>"]
-    untrained = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels, strict=True)
-                                  if label == IGNORE_INDEX])  # fmt: skip
+    untrained = tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label == IGNORE_INDEX]
+    )
     for text in ("You answer in one word.", "Say assistant.", "And now?", "skipped", "Last one."):
         assert text in untrained
     # The ids are the chat template's own rendering, with no extra BOS.
@@ -172,9 +195,11 @@ def test_only_assistant_replies_and_their_end_of_turn_are_trained(tokenizer):
 
 @pytest.mark.parametrize(
     "record",
-    [{"prompt": "What is 2+2?", "completion": "4, of course."},
-     {"instruction": "What is 2+2?", "output": "4, of course."}],
-)  # fmt: skip
+    [
+        {"prompt": "What is 2+2?", "completion": "4, of course."},
+        {"instruction": "What is 2+2?", "output": "4, of course."},
+    ],
+)
 def test_prompt_completion_and_alpaca_train_on_the_answer(tokenizer, record):
     example = tokenize_conversation(tokenizer, parse_example(json.dumps(record)), max_seq_len=512)
     assert _trained_runs(tokenizer, example) == ["4, of course.<|im_end|>"]

@@ -33,8 +33,14 @@ def _write_data(path: Path, repeats: int) -> Path:
     lines = []
     for _ in range(repeats):
         for n, subject in enumerate(SUBJECTS):
-            lines.append({"messages": [{"role": "user", "content": QUESTION.format(subject)},
-                                       {"role": "assistant", "content": ANSWER.format(subject, n)}]})  # fmt: skip
+            lines.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": QUESTION.format(subject)},
+                        {"role": "assistant", "content": ANSWER.format(subject, n)},
+                    ]
+                }
+            )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -52,10 +58,18 @@ def tiny_model(workdir) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_tokenizer(resolve_model(None))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     folder = workdir / "tiny-llama"
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
@@ -70,9 +84,30 @@ def _train(*argv: str) -> int:
 
 
 def _tiny_args(workdir: Path, tiny_model: Path, output: str, *extra: str) -> list[str]:
-    return [workdir / "train.jsonl", "-o", workdir / output, "--model", tiny_model, "--eval-file",
-            workdir / "eval.jsonl", "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--save-every", "2",
-            "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0.1", *extra]  # fmt: skip
+    return [
+        workdir / "train.jsonl",
+        "-o",
+        workdir / output,
+        "--model",
+        tiny_model,
+        "--eval-file",
+        workdir / "eval.jsonl",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        *extra,
+    ]
 
 
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -160,9 +195,11 @@ def tiny_batch(tiny_model):
     tokenizer = load_tokenizer(resolve_model(str(tiny_model)))
     examples = [
         tokenize_conversation(tokenizer, parse_example(json.dumps(record)), max_seq_len=64)
-        for record in ({"prompt": "Name a colour.", "completion": "Blue."},
-                       {"prompt": "And a longer answer, please?", "completion": "Certainly: red, green and gold."})
-    ]  # fmt: skip
+        for record in (
+            {"prompt": "Name a colour.", "completion": "Blue."},
+            {"prompt": "And a longer answer, please?", "completion": "Certainly: red, green and gold."},
+        )
+    ]
     return collate(examples, tokenizer.pad_token_id)
 
 
@@ -174,8 +211,9 @@ def _tiny_peft(tiny_model: Path):
 def test_loss_is_transformers_own_on_the_trained_tokens(tiny_model, tiny_batch):
     model = _tiny_peft(tiny_model)
     ours = loss_sum(model, tiny_batch) / tiny_batch.targets
-    theirs = model(input_ids=tiny_batch.input_ids, attention_mask=tiny_batch.attention_mask,
-                   labels=tiny_batch.labels).loss  # fmt: skip
+    theirs = model(
+        input_ids=tiny_batch.input_ids, attention_mask=tiny_batch.attention_mask, labels=tiny_batch.labels
+    ).loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-3)
 
 
@@ -195,7 +233,9 @@ def test_the_saved_adapter_is_what_peft_loads(tiny_model, tiny_batch, tmp_path):
     loop.train(model, examples, [], config, CPU, pad_id=0, run_dir=tmp_path, settings={})
     write_adapter(model, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
     base = load_nf4_model(resolve_model(str(tiny_model)), CPU, torch.bfloat16)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
@@ -213,20 +253,54 @@ def test_a_real_run_on_the_embedded_model(workdir):
 
     output = workdir / "smollm-adapter"
     result = subprocess.run(
-        [sys.executable, "-m", "plait.cli", "train", "train.jsonl", "-o", output.name, "--eval-file", "eval.jsonl",
-         "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-3", "--max-seq-len", "48",
-         "--warmup-steps", "0", "--save-every", "2", "--publish", "http://127.0.0.1:1",
-         # fp32 compute: bf16 on the CPU pays a one-off warm-up of 20 to 70 s in its first step; one
-         # thread: two on a busy two-core machine made steps 5-10x slower (OpenMP oversubscription)
-         "--dtype", "float32", "--threads", "1"],
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "plait.cli",
+            "train",
+            "train.jsonl",
+            "-o",
+            output.name,
+            "--eval-file",
+            "eval.jsonl",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--lr",
+            "2e-3",
+            "--max-seq-len",
+            "48",
+            "--warmup-steps",
+            "0",
+            "--save-every",
+            "2",
+            "--publish",
+            "http://127.0.0.1:1",
+            # fp32 compute: bf16 on the CPU pays a one-off warm-up of 20 to 70 s in its first step; one
+            # thread: two on a busy two-core machine made steps 5-10x slower (OpenMP oversubscription)
+            "--dtype",
+            "float32",
+            "--threads",
+            "1",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     # Training succeeded, publishing to a closed port did not: status 1, and the adapter stays.
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "plait train: error: publishing failed (cannot reach http://127.0.0.1:1/v1" in result.stderr
     assert sorted(p.name for p in output.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "loss_curve.png", "training_report.json"]  # fmt: skip
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loss_curve.png",
+        "training_report.json",
+    ]
     assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     report = _report(output)

@@ -30,8 +30,9 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         move = {"device": device, "non_blocking": True}
-        return Batch(self.input_ids.to(**move), self.attention_mask.to(**move), self.labels.to(**move),
-                     self.tokens, self.targets)  # fmt: skip
+        return Batch(
+            self.input_ids.to(**move), self.attention_mask.to(**move), self.labels.to(**move), self.tokens, self.targets
+        )
 
 
 def plan_steps(

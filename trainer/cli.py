@@ -54,14 +54,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, help="compute dtype; auto: bfloat16 where the hardware has it")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in "
-                   "the backward pass to save memory (default on)")  # fmt: skip
+    g.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute activations in the backward pass to save memory (default on)",
+    )
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--eval-every", type=int, help="steps between eval-loss measurements (default: only at the end)")
     g.add_argument("--save-every", type=int, help=f"steps between checkpoints, 0 for none (default {d.save_every})")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue from the newest checkpoint")
-    g.add_argument("--events", metavar="PATH", help="append progress to this JSONL file, one object per step, "
-                   "evaluation and checkpoint (what the server's fine-tuning jobs read)")  # fmt: skip
+    g.add_argument(
+        "--events",
+        metavar="PATH",
+        help="append progress to this JSONL file, one object per step, "
+        "evaluation and checkpoint (what the server's fine-tuning jobs read)",
+    )
     g = p.add_argument_group("publishing")
     g.add_argument("--publish", metavar="URL", help="upload the adapter to the Plait server at URL when done")
     g.add_argument("--adapter-id", help="id to publish under (default: the output folder's name)")
@@ -81,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return train_adapter(config, train_examples, eval_examples, output, run_dir, resume_from)
     except KeyboardInterrupt:
-        print(f"plait train: interrupted; continue from the last checkpoint in {run_dir} with --resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"plait train: interrupted; continue from the last checkpoint in {run_dir} with --resume", file=sys.stderr
+        )
         return 130
 
 
@@ -154,9 +162,13 @@ def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
 
 
 def train_adapter(
-    config: TrainConfig, train_examples: list[Example], eval_examples: list[Example], output: Path, run_dir: Path,
+    config: TrainConfig,
+    train_examples: list[Example],
+    eval_examples: list[Example],
+    output: Path,
+    run_dir: Path,
     resume_from: Path | None,
-) -> int:  # fmt: skip
+) -> int:
     import torch
     import transformers
 
@@ -179,8 +191,9 @@ def train_adapter(
             raise ConfigError(f"every example is longer than --max-seq-len {config.max_seq_len} before its answer")
         dtype = compute_dtype(device, config.dtype)
         torch.manual_seed(config.seed)  # the adapters' initial weights
-        lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules,
-                            config.use_rslora)  # fmt: skip
+        lora = LoraSettings(
+            config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules, config.use_rslora
+        )
         _info(f"loading {spec.name} from {spec.path} on {device} (NF4, {str(dtype).removeprefix('torch.')} compute)")
         model = load_for_training(spec, device, dtype, lora, config.gradient_checkpointing)
     except (ConfigError, DataError, ModelLoadError, RuntimeError) as exc:
@@ -190,11 +203,22 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     events = EventLog(config.events)
     try:
-        progress = train(model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config),
-                         resume_from, events)  # fmt: skip
-        finish(model, progress, config, spec, device, dtype, output, run_dir,
-               examples={"train": len(train_set), "skipped_too_long": skipped, "eval": len(eval_set)},
-               wall_seconds=time.perf_counter() - started, resumed_from=resume_from)  # fmt: skip
+        progress = train(
+            model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config), resume_from, events
+        )
+        finish(
+            model,
+            progress,
+            config,
+            spec,
+            device,
+            dtype,
+            output,
+            run_dir,
+            examples={"train": len(train_set), "skipped_too_long": skipped, "eval": len(eval_set)},
+            wall_seconds=time.perf_counter() - started,
+            resumed_from=resume_from,
+        )
         events("done", adapter=str(output), steps=progress.step, tokens=progress.tokens)
     finally:
         events.close()
@@ -233,13 +257,26 @@ def tokenize_examples(tokenizer, examples: list[Example], config: TrainConfig, p
         raise DataError(path, problems[:20], len(problems))
     if skipped:
         lines = ", ".join(map(str, skipped[:MAX_LISTED_SKIPS])) + (" ..." if len(skipped) > MAX_LISTED_SKIPS else "")
-        _info(f"warning: {path}: {len(skipped)} example(s) skipped, no answer token within --max-seq-len "
-              f"{config.max_seq_len} (line {lines})")  # fmt: skip
+        _info(
+            f"warning: {path}: {len(skipped)} example(s) skipped, no answer token within --max-seq-len "
+            f"{config.max_seq_len} (line {lines})"
+        )
     return tokenized, len(skipped)
 
 
-def finish(model, progress, config, spec, device, dtype, output: Path, run_dir: Path, examples: dict,
-           wall_seconds: float, resumed_from: Path | None) -> None:  # fmt: skip
+def finish(
+    model,
+    progress,
+    config,
+    spec,
+    device,
+    dtype,
+    output: Path,
+    run_dir: Path,
+    examples: dict,
+    wall_seconds: float,
+    resumed_from: Path | None,
+) -> None:
     """Adapter, report and loss curve into the run folder, checkpoints dropped, then renamed into place."""
     import peft
     import torch

@@ -61,8 +61,17 @@ class TrainConfig:
 
     def training_settings(self) -> dict:
         """The settings that decide the numbers a run produces: a resumed run must match them."""
-        runtime = {"device", "threads", "eval_every", "save_every", "resume", "events", "publish", "adapter_id",
-                   "admin_key"}  # fmt: skip
+        runtime = {
+            "device",
+            "threads",
+            "eval_every",
+            "save_every",
+            "resume",
+            "events",
+            "publish",
+            "adapter_id",
+            "admin_key",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime | {"output"}}
 
     def public(self) -> dict:

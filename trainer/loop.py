@@ -111,10 +111,18 @@ def train(
         segment_tokens += step_tokens
         segment_seconds += step_seconds
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss / step_targets:.4f}", lr=f"{lr:.2e}",
-                        tok_s=f"{segment_tokens / segment_seconds:.0f}")  # fmt: skip
-        events("step", step=progress.step, total_steps=len(plan), train_loss=step_loss / step_targets,
-               learning_rate=lr, tokens=progress.tokens, epochs=round(progress.epochs, 4))  # fmt: skip
+        bar.set_postfix(
+            loss=f"{step_loss / step_targets:.4f}", lr=f"{lr:.2e}", tok_s=f"{segment_tokens / segment_seconds:.0f}"
+        )
+        events(
+            "step",
+            step=progress.step,
+            total_steps=len(plan),
+            train_loss=step_loss / step_targets,
+            learning_rate=lr,
+            tokens=progress.tokens,
+            epochs=round(progress.epochs, 4),
+        )
 
         last = progress.step == len(plan)
         if eval_set and (last or (config.eval_every and progress.step % config.eval_every == 0)):
@@ -123,8 +131,9 @@ def train(
             bar.write(f"step {progress.step}: eval loss {eval_loss:.4f}")
             events("eval", step=progress.step, eval_loss=eval_loss)
         if config.save_every and progress.step % config.save_every == 0 and not last:
-            saved = save_checkpoint(run_dir, progress.step, model, optimizer,
-                                    {**dataclasses.asdict(progress), "settings": settings})  # fmt: skip
+            saved = save_checkpoint(
+                run_dir, progress.step, model, optimizer, {**dataclasses.asdict(progress), "settings": settings}
+            )
             events("checkpoint", step=progress.step, path=str(saved), train_loss=step_loss / step_targets)
     bar.close()
     return progress

@@ -22,8 +22,10 @@ def publish(
     """POST the adapter files to {base_url}/v1/adapters as multipart; returns the server's JSON reply."""
     handles = [(folder / name).open("rb") for name in ADAPTER_FILES]
     try:
-        files = [("files", (name, handle, "application/octet-stream"))
-                 for name, handle in zip(ADAPTER_FILES, handles, strict=True)]  # fmt: skip
+        files = [
+            ("files", (name, handle, "application/octet-stream"))
+            for name, handle in zip(ADAPTER_FILES, handles, strict=True)
+        ]
         return _post(base_url, "adapters", {"id": adapter_id}, files, admin_key, transport)
     finally:
         for handle in handles:

@@ -28,10 +28,22 @@ REPORT_FILE = "report.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", action="append", default=[], metavar="ID=FOLDER", required=True,
-                   help="a member: its id on the server and its PEFT adapter folder (repeat per member)")  # fmt: skip
-    p.add_argument("--data", action="append", default=[], metavar="ID=FILE", required=True,
-                   help="examples of a member's skill, JSONL as plait train reads (one per member)")  # fmt: skip
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ID=FOLDER",
+        required=True,
+        help="a member: its id on the server and its PEFT adapter folder (repeat per member)",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="ID=FILE",
+        required=True,
+        help="examples of a member's skill, JSONL as plait train reads (one per member)",
+    )
     p.add_argument("--output", "-o", required=True, help="folder to write the router into (must not exist yet)")
     p.add_argument("--model", help="local Hugging Face model folder; default: embedded SmolLM2-135M")
     p.add_argument("--max-examples", type=int, default=32, help="examples used per member (default 32)")
@@ -55,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         members = _pairs(args.adapter, "--adapter")
         data = _pairs(args.data, "--data")
         if set(members) != set(data):
-            raise ValueError(f"--adapter and --data must name the same members, got {sorted(members)} and "
-                             f"{sorted(data)}")  # fmt: skip
+            raise ValueError(
+                f"--adapter and --data must name the same members, got {sorted(members)} and {sorted(data)}"
+            )
         if not 1 <= args.top_k <= len(members):
             raise ValueError(f"--top-k must be between 1 and the number of members ({len(members)})")
         for name, folder in members.items():
@@ -68,8 +81,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--output {output} exists; choose a new folder")
     except (ValueError, DataError) as exc:
         return _fail(exc)
-    fusion = {"id": args.fusion_id or output.name, "members": list(members), "router": "learned",
-              "top_k": args.top_k, "temperature": args.temperature}  # fmt: skip
+    fusion = {
+        "id": args.fusion_id or output.name,
+        "members": list(members),
+        "router": "learned",
+        "top_k": args.top_k,
+        "temperature": args.temperature,
+    }
     try:
         report = _train(args, members, examples, output, fusion)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -112,8 +130,9 @@ def _train(args, members: dict[str, str], examples: dict, output: Path, fusion: 
     targets = base_lora_targets(base)
     adapters = {name: read_adapter(Path(folder), targets, max_rank=1 << 16) for name, folder in members.items()}
     paths = [p for p in targets if any(p in a.modules for a in adapters.values())]
-    gates = Gates({p: targets[p][0] for p in paths},
-                  {p: [p in a.modules for a in adapters.values()] for p in paths}).to(device)  # fmt: skip
+    gates = Gates(
+        {p: targets[p][0] for p in paths}, {p: [p in a.modules for a in adapters.values()] for p in paths}
+    ).to(device)
     names = list(members)
     base.eval()
     with tqdm(total=args.epochs * len(chosen), desc="router", unit="example", file=sys.stderr) as bar:
@@ -151,8 +170,7 @@ def _publish(args, output: Path, fusion: dict) -> int:
     try:
         publish_fusion(args.publish, fusion, output / ROUTER_FILE, args.admin_key or os.environ.get("PLAIT_ADMIN_KEY"))
     except PublishError as exc:
-        print(f"plait train-router: error: publishing failed ({exc}); the router is still in {output}",
-              file=sys.stderr)  # fmt: skip
+        print(f"plait train-router: error: publishing failed ({exc}); the router is still in {output}", file=sys.stderr)
         return 1
     _info(f"published fusion {fusion['id']} to {args.publish}")
     return 0

@@ -46,8 +46,9 @@ async def upload_adapter(
     id: str = Form(...), files: list[UploadFile] = File(default=[]), ctx: ServerContext = Depends(get_context)
 ):
     if not files:
-        raise APIError(400, f"Send the adapter as 'files': {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or one archive.",
-                       "files")  # fmt: skip
+        raise APIError(
+            400, f"Send the adapter as 'files': {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or one archive.", "files"
+        )
     budget = ctx.store.max_bytes
     contents = {}
     for f in files:

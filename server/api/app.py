@@ -61,8 +61,9 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     install_error_handlers(app)
 
     file_bytes = context.fine_tuning.files.max_bytes + (1 << 20) if context.fine_tuning is not None else None
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=context.store.max_bytes + (1 << 20),
-                       file_bytes=file_bytes)  # fmt: skip
+    app.add_middleware(
+        BodySizeLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=context.store.max_bytes + (1 << 20), file_bytes=file_bytes
+    )
     app.include_router(generation.router)
     app.include_router(adapters.router)
     app.include_router(files.router)
@@ -80,10 +81,14 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
             "parent": None,
             "max_model_len": ctx.engine.max_model_len,
         }
-        served = [{**adapters.adapter_object(a, ctx.model_name), "object": "model", "root": ctx.model_name}
-                  for a in ctx.store.list()]  # fmt: skip
-        fused = [{**fusions.fusion_object(f, ctx.model_name), "object": "model", "root": ctx.model_name}
-                 for f in ctx.fusions.list()]  # fmt: skip
+        served = [
+            {**adapters.adapter_object(a, ctx.model_name), "object": "model", "root": ctx.model_name}
+            for a in ctx.store.list()
+        ]
+        fused = [
+            {**fusions.fusion_object(f, ctx.model_name), "object": "model", "root": ctx.model_name}
+            for f in ctx.fusions.list()
+        ]
         return {"object": "list", "data": [base, *served, *fused]}
 
     @app.get("/health")

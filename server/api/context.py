@@ -102,16 +102,23 @@ class ServerContext:
         self.stored_adapter(adapter_id)
         users = self.fusions.using(adapter_id)
         if users:
-            raise APIError(409, f"The adapter '{adapter_id}' is a member of the fusion(s) {', '.join(users)}; "
-                           "delete those first.", "id", "adapter_in_use")  # fmt: skip
+            raise APIError(
+                409,
+                f"The adapter '{adapter_id}' is a member of the fusion(s) {', '.join(users)}; delete those first.",
+                "id",
+                "adapter_in_use",
+            )
         self.store.delete(adapter_id)
         self._forget(adapter_id)
 
     def _forget(self, adapter_id: str, keep_version: int | None = None) -> None:
         """Free what the engine and the router cache hold of the adapter's other versions."""
         self.engine.forget_adapter(adapter_id, keep_version)
-        self._routers = {(fusion, created, keys): router for (fusion, created, keys), router in self._routers.items()
-                         if not any(key.superseded(adapter_id, keep_version) for key in keys)}  # fmt: skip
+        self._routers = {
+            (fusion, created, keys): router
+            for (fusion, created, keys), router in self._routers.items()
+            if not any(key.superseded(adapter_id, keep_version) for key in keys)
+        }
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

@@ -45,8 +45,13 @@ def check_limit(limit: int, most: int) -> int:
 
 
 def page_object(data: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}  # fmt: skip
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def file_object(row: dict) -> dict:
@@ -89,8 +94,14 @@ def list_files(
     if order not in ("asc", "desc"):
         raise APIError(400, f"order must be 'asc' or 'desc', got '{order}'.", "order", "invalid_value")
     where = {"purpose": purpose} if purpose else None
-    rows, more = guarded(service(ctx).records.page, "files", where=where, after=after,
-                         limit=check_limit(limit, MAX_FILES_LISTED), newest_first=order == "desc")  # fmt: skip
+    rows, more = guarded(
+        service(ctx).records.page,
+        "files",
+        where=where,
+        after=after,
+        limit=check_limit(limit, MAX_FILES_LISTED),
+        newest_first=order == "desc",
+    )
     return page_object([file_object(r) for r in rows], more)
 
 
@@ -113,8 +124,9 @@ def file_content(file_id: str, ctx: ServerContext = Depends(get_context)):
             while chunk := handle.read(1 << 20):
                 yield chunk
 
-    return StreamingResponse(chunks(), media_type="application/octet-stream",
-                             headers={"Content-Length": str(row["bytes"])})  # fmt: skip
+    return StreamingResponse(
+        chunks(), media_type="application/octet-stream", headers={"Content-Length": str(row["bytes"])}
+    )
 
 
 @router.delete("/v1/files/{file_id}", dependencies=[Depends(require_admin_key)])

@@ -49,12 +49,20 @@ class CreateJobRequest(_Body):
 
     def merged_hyperparameters(self) -> dict[str, Any] | None:
         if self.method is not None and self.method.type != "supervised":
-            raise APIError(400, f"Only supervised fine-tuning is supported, not '{self.method.type}'.", "method.type",
-                           "invalid_value")  # fmt: skip
+            raise APIError(
+                400,
+                f"Only supervised fine-tuning is supported, not '{self.method.type}'.",
+                "method.type",
+                "invalid_value",
+            )
         nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
         if nested is not None and self.hyperparameters is not None:
-            raise APIError(400, "Give hyperparameters either at the top level or in method.supervised, not both.",
-                           "hyperparameters", "invalid_value")  # fmt: skip
+            raise APIError(
+                400,
+                "Give hyperparameters either at the top level or in method.supervised, not both.",
+                "hyperparameters",
+                "invalid_value",
+            )
         return nested if nested is not None else self.hyperparameters
 
 
@@ -105,9 +113,16 @@ def checkpoint_object(checkpoint: dict) -> dict:
 def create_job(body: CreateJobRequest, ctx: ServerContext = Depends(get_context)):
     if body.integrations:
         raise APIError(400, "integrations are not supported.", "integrations", "invalid_value")
-    job = guarded(service(ctx).jobs.create, model=body.model, training_file=body.training_file,
-                  validation_file=body.validation_file, hyperparameters=body.merged_hyperparameters(),
-                  suffix=body.suffix, seed=body.seed, metadata=body.metadata)  # fmt: skip
+    job = guarded(
+        service(ctx).jobs.create,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        hyperparameters=body.merged_hyperparameters(),
+        suffix=body.suffix,
+        seed=body.seed,
+        metadata=body.metadata,
+    )
     return job_object(job)
 
 
@@ -131,16 +146,17 @@ def cancel_job(job_id: str, ctx: ServerContext = Depends(get_context)):
 def list_events(job_id: str, after: str | None = None, limit: int = 20, ctx: ServerContext = Depends(get_context)):
     fine_tuning = service(ctx)
     guarded(fine_tuning.jobs.get, job_id)
-    rows, more = guarded(fine_tuning.records.page, "events", where={"job_id": job_id}, after=after,
-                         limit=check_limit(limit, 1000))  # fmt: skip
+    rows, more = guarded(
+        fine_tuning.records.page, "events", where={"job_id": job_id}, after=after, limit=check_limit(limit, 1000)
+    )
     return page_object([event_object(r) for r in rows], more)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=[Depends(require_api_key)])
-def list_checkpoints(job_id: str, after: str | None = None, limit: int = 10,
-                     ctx: ServerContext = Depends(get_context)):  # fmt: skip
+def list_checkpoints(job_id: str, after: str | None = None, limit: int = 10, ctx: ServerContext = Depends(get_context)):
     fine_tuning = service(ctx)
     guarded(fine_tuning.jobs.get, job_id)
-    rows, more = guarded(fine_tuning.records.page, "checkpoints", where={"job_id": job_id}, after=after,
-                         limit=check_limit(limit, 100))  # fmt: skip
+    rows, more = guarded(
+        fine_tuning.records.page, "checkpoints", where={"job_id": job_id}, after=after, limit=check_limit(limit, 100)
+    )
     return page_object([checkpoint_object(r) for r in rows], more)

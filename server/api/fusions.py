@@ -137,12 +137,17 @@ def _create(ctx: ServerContext, fusion: Fusion, router_weights: bytes | None) ->
         members.append(read_adapter(stored.path, ctx.lora_targets, ctx.max_lora_rank))
     bases = {a.base_model_name for a in members if a.base_model_name}
     if len(bases) > 1:
-        raise APIError(400, f"The members were trained on different base models ({', '.join(sorted(bases))}); "
-                       "a fusion combines adapters of one base.", "members")  # fmt: skip
+        raise APIError(
+            400,
+            f"The members were trained on different base models ({', '.join(sorted(bases))}); "
+            "a fusion combines adapters of one base.",
+            "members",
+        )
     if fusion.router == "learned":
         if router_weights is None:
-            raise APIError(400, "A learned router needs its gates: send 'router_weights' (multipart).",
-                           "router_weights")  # fmt: skip
+            raise APIError(
+                400, "A learned router needs its gates: send 'router_weights' (multipart).", "router_weights"
+            )
         try:
             tensors = safetensors.torch.load(router_weights)
             check_learned_router(tensors, members, ctx.lora_targets)

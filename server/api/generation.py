@@ -82,8 +82,11 @@ def _resolve(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest
     if how is None or how.method in ("linear", "cat"):
         return Served(ctx.model_name, pairs)
     if how.rank is not None and how.rank > ctx.max_lora_rank:
-        raise APIError(400, f"combination.rank {how.rank} is above this server's --max-lora-rank "
-                       f"{ctx.max_lora_rank}.", "combination.rank")  # fmt: skip
+        raise APIError(
+            400,
+            f"combination.rank {how.rank} is above this server's --max-lora-rank {ctx.max_lora_rank}.",
+            "combination.rank",
+        )
     spec = MergeSpec(how.method, how.density, how.majority_sign_method, how.rank, how.seed)
     return Served(ctx.model_name, ((MergedKey(pairs, spec), 1.0),))
 

@@ -74,8 +74,9 @@ class _Stream:
     so it is woken once per request rather than once per token.
     """
 
-    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer, loop, outputs: asyncio.Queue,
-                 streaming: bool):  # fmt: skip
+    def __init__(
+        self, request: Request, detokenizer: IncrementalDetokenizer, loop, outputs: asyncio.Queue, streaming: bool
+    ):
         self.request = request
         self.detokenizer = detokenizer
         self.loop = loop
@@ -127,9 +128,12 @@ class Engine:
         if lora is not None:
             layers = LoRALayers(model, lora.targets, lora.max_device_adapters, lora.max_rank, model.dtype, device)
             self.adapter_slots = AdapterSlots(
-                layers, lora.max_cpu_adapters, lora.load, wake=lambda: self._inbox.put(("wake", None)),
+                layers,
+                lora.max_cpu_adapters,
+                lora.load,
+                wake=lambda: self._inbox.put(("wake", None)),
                 on_event=self._adapter_event,
-            )  # fmt: skip
+            )
         self.runner = ModelRunner(model, self.kv_cache, device, layers)
         self.scheduler = Scheduler(
             self.kv_cache, config.max_batched_tokens, config.max_running, self._acquire_adapters, self._release_adapters

@@ -47,8 +47,12 @@ class FileStore:
     def add_upload(self, source: BinaryIO, filename: str, purpose: str) -> dict:
         """Copy, check and store an uploaded training file; FineTuningError (4xx) refuses it."""
         if purpose != PURPOSE:
-            raise FineTuningError(400, f"purpose must be '{PURPOSE}': this server keeps files only for fine-tuning "
-                                  f"(got {purpose!r}).", "purpose", "invalid_purpose")  # fmt: skip
+            raise FineTuningError(
+                400,
+                f"purpose must be '{PURPOSE}': this server keeps files only for fine-tuning (got {purpose!r}).",
+                "purpose",
+                "invalid_purpose",
+            )
         fd, temp = tempfile.mkstemp(prefix=_UPLOAD, dir=self.root)
         temp = Path(temp)
         try:
@@ -87,8 +91,14 @@ class FileStore:
     def _publish(self, temp: Path, filename: str, purpose: str, size: int, examples: int | None) -> dict:
         file_id = new_id("file")
         os.replace(temp, self.root / file_id)
-        row = {"id": file_id, "filename": _clean_name(filename), "purpose": purpose, "bytes": size,
-               "created_at": int(time.time()), "examples": examples}  # fmt: skip
+        row = {
+            "id": file_id,
+            "filename": _clean_name(filename),
+            "purpose": purpose,
+            "bytes": size,
+            "created_at": int(time.time()),
+            "examples": examples,
+        }
         try:
             return self.records.insert("files", row)
         except BaseException:
@@ -113,8 +123,9 @@ def _copy_limited(source: BinaryIO, out: BinaryIO, max_bytes: int) -> int:
     while chunk := source.read(_CHUNK):
         size += len(chunk)
         if size > max_bytes:
-            raise FineTuningError(413, f"The file is larger than {max_bytes} bytes (--max-file-mb).", "file",
-                                  "file_too_large")  # fmt: skip
+            raise FineTuningError(
+                413, f"The file is larger than {max_bytes} bytes (--max-file-mb).", "file", "file_too_large"
+            )
         out.write(chunk)
     return size
 
@@ -148,11 +159,13 @@ def check_training_file(path: Path) -> int:
     if total:
         more = f"; and {total - len(problems)} more" if total > len(problems) else ""
         noun = "problem" if total == 1 else "problems"
-        raise FineTuningError(400, f"Invalid training file ({total} {noun}): {'; '.join(problems)}{more}.", "file",
-                              "invalid_file")  # fmt: skip
+        raise FineTuningError(
+            400, f"Invalid training file ({total} {noun}): {'; '.join(problems)}{more}.", "file", "invalid_file"
+        )
     if not examples:
-        raise FineTuningError(400, "Invalid training file: it has no examples (one JSON object per line).", "file",
-                              "invalid_file")  # fmt: skip
+        raise FineTuningError(
+            400, "Invalid training file: it has no examples (one JSON object per line).", "file", "invalid_file"
+        )
     return examples
 
 
@@ -175,8 +188,9 @@ def check_line(text: str) -> None:
         _check_strings(record, ("instruction", "output"), ("input",))
     else:
         keys = ", ".join(sorted(record)) or "none"
-        raise ValueError(f"unknown format (keys: {keys}); expected messages, prompt + completion, "
-                         "or instruction + input + output")  # fmt: skip
+        raise ValueError(
+            f"unknown format (keys: {keys}); expected messages, prompt + completion, or instruction + input + output"
+        )
 
 
 def _check_messages(messages: object) -> None:
@@ -189,8 +203,10 @@ def _check_messages(messages: object) -> None:
             raise ValueError(f"{where} must be an object, got {_kind(message)}")
         role = message.get("role")
         if role not in _ROLES:
-            raise ValueError(f"{where}: role must be one of {', '.join(_ROLES)} (tool calls are not supported), "
-                             f"got {json.dumps(role)}")  # fmt: skip
+            raise ValueError(
+                f"{where}: role must be one of {', '.join(_ROLES)} (tool calls are not supported), "
+                f"got {json.dumps(role)}"
+            )
         unknown = sorted(set(message) - _MESSAGE_KEYS)
         if unknown:
             raise ValueError(f"{where} ({role}): unknown key {', '.join(unknown)}")

@@ -85,16 +85,25 @@ def resolve_hyperparameters(given: dict | None, max_rank: int) -> dict:
     given = dict(given or {})
     unknown = sorted(set(given) - set(HYPERPARAMETERS))
     if unknown:
-        raise FineTuningError(400, f"Unknown hyperparameter '{unknown[0]}'; known: {', '.join(HYPERPARAMETERS)}.",
-                              f"hyperparameters.{unknown[0]}", "invalid_value")  # fmt: skip
+        raise FineTuningError(
+            400,
+            f"Unknown hyperparameter '{unknown[0]}'; known: {', '.join(HYPERPARAMETERS)}.",
+            f"hyperparameters.{unknown[0]}",
+            "invalid_value",
+        )
     resolved = {}
     for name, (default, ok, wanted) in HYPERPARAMETERS.items():
         value = given.get(name, "auto")
         if value is None or value == "auto":
             value = default
         elif not ok(value, max_rank):
-            raise FineTuningError(400, f"hyperparameters.{name} must be 'auto' or {wanted.format(max_rank=max_rank)}, "
-                                  f"got {json.dumps(value)}.", f"hyperparameters.{name}", "invalid_value")  # fmt: skip
+            raise FineTuningError(
+                400,
+                f"hyperparameters.{name} must be 'auto' or {wanted.format(max_rank=max_rank)}, "
+                f"got {json.dumps(value)}.",
+                f"hyperparameters.{name}",
+                "invalid_value",
+            )
         resolved[name] = float(value) if isinstance(default, float) else value
     return resolved
 
@@ -131,8 +140,15 @@ class _Progress:
 
 
 class JobRunner:
-    def __init__(self, records: Records, files: FileStore, jobs_dir: Path, setup: TrainerSetup,
-                 publish: Callable[[str, dict[str, bytes]], object], poll_seconds: float = 0.5):  # fmt: skip
+    def __init__(
+        self,
+        records: Records,
+        files: FileStore,
+        jobs_dir: Path,
+        setup: TrainerSetup,
+        publish: Callable[[str, dict[str, bytes]], object],
+        poll_seconds: float = 0.5,
+    ):
         self.records = records
         self.files = files
         self.jobs_dir = Path(jobs_dir).resolve()
@@ -171,23 +187,40 @@ class JobRunner:
 
     # --- the API's side -----------------------------------------------------------------------------
 
-    def create(self, *, model: str, training_file: str, validation_file: str | None = None,
-               hyperparameters: dict | None = None, suffix: str | None = None, seed: int | None = None,
-               metadata: dict | None = None) -> dict:  # fmt: skip
+    def create(
+        self,
+        *,
+        model: str,
+        training_file: str,
+        validation_file: str | None = None,
+        hyperparameters: dict | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+        metadata: dict | None = None,
+    ) -> dict:
         """Check a job against this server and queue it; FineTuningError (4xx) says what is wrong."""
         if model != self.setup.base_model:
-            raise FineTuningError(400, f"Model '{model}' cannot be fine-tuned here: this server trains adapters for "
-                                  f"its base model '{self.setup.base_model}' only.", "model",
-                                  "model_not_available")  # fmt: skip
+            raise FineTuningError(
+                400,
+                f"Model '{model}' cannot be fine-tuned here: this server trains adapters for "
+                f"its base model '{self.setup.base_model}' only.",
+                "model",
+                "model_not_available",
+            )
         if suffix is not None and (len(suffix) > MAX_SUFFIX_CHARS or not _SUFFIX.fullmatch(suffix) or ".." in suffix):
-            raise FineTuningError(400, f"suffix must be up to {MAX_SUFFIX_CHARS} letters, digits, '_', '-' and '.' "
-                                  f"(not starting with '.', no '..'), got {json.dumps(suffix)}.", "suffix",
-                                  "invalid_value")  # fmt: skip
+            raise FineTuningError(
+                400,
+                f"suffix must be up to {MAX_SUFFIX_CHARS} letters, digits, '_', '-' and '.' "
+                f"(not starting with '.', no '..'), got {json.dumps(suffix)}.",
+                "suffix",
+                "invalid_value",
+            )
         if seed is None:
             seed = secrets.randbelow(1 << 31)
         elif not _is_int(seed) or not 0 <= seed < 1 << 31:
-            raise FineTuningError(400, f"seed must be an integer from 0 to 2147483647, got {json.dumps(seed)}.",
-                                  "seed", "invalid_value")  # fmt: skip
+            raise FineTuningError(
+                400, f"seed must be an integer from 0 to 2147483647, got {json.dumps(seed)}.", "seed", "invalid_value"
+            )
         train = self._training_file(training_file, "training_file")
         if validation_file is not None:
             self._training_file(validation_file, "validation_file")
@@ -196,8 +229,9 @@ class JobRunner:
         try:
             validate_adapter_id(fine_tuned_name(self.setup.base_model, suffix, job_id))
         except InvalidAdapterId as exc:
-            raise FineTuningError(400, f"The fine-tuned model's name would be invalid: {exc}.", "suffix",
-                                  "invalid_value") from None  # fmt: skip
+            raise FineTuningError(
+                400, f"The fine-tuned model's name would be invalid: {exc}.", "suffix", "invalid_value"
+            ) from None
 
         # The job keeps its own links to the data: deleting the files later does not touch it.
         job_dir = self.jobs_dir / job_id
@@ -205,11 +239,22 @@ class JobRunner:
         try:
             for file_id in dict.fromkeys(filter(None, (training_file, validation_file))):  # the same one may be both
                 _link(self.files.path(file_id), job_dir / file_id)
-            self.records.insert("jobs", {
-                "id": job_id, "created_at": int(time.time()), "status": "queued", "model": model,
-                "training_file": training_file, "validation_file": validation_file, "hyperparameters": resolved,
-                "suffix": suffix, "seed": seed, "metadata": metadata, "train_examples": train["examples"],
-            })  # fmt: skip
+            self.records.insert(
+                "jobs",
+                {
+                    "id": job_id,
+                    "created_at": int(time.time()),
+                    "status": "queued",
+                    "model": model,
+                    "training_file": training_file,
+                    "validation_file": validation_file,
+                    "hyperparameters": resolved,
+                    "suffix": suffix,
+                    "seed": seed,
+                    "metadata": metadata,
+                    "train_examples": train["examples"],
+                },
+            )
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
@@ -230,8 +275,12 @@ class JobRunner:
         with self._lock:
             job = self.get(job_id)
             if job["status"] in ("succeeded", "failed"):
-                raise FineTuningError(400, f"Job {job_id} has already {job['status']}; only queued or running jobs "
-                                      "can be cancelled.", "fine_tuning_job_id", "job_not_cancellable")  # fmt: skip
+                raise FineTuningError(
+                    400,
+                    f"Job {job_id} has already {job['status']}; only queued or running jobs can be cancelled.",
+                    "fine_tuning_job_id",
+                    "job_not_cancellable",
+                )
             if job["status"] != "cancelled":
                 self._finish(job_id, "cancelled")
                 if self._running is not None and self._running.job_id == job_id:
@@ -279,8 +328,15 @@ class JobRunner:
                 return
             if self.get(job_id)["status"] != "running":
                 return  # cancelled meanwhile
-            process = subprocess.Popen(self._command(job), cwd=job_dir, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                self._command(job),
+                cwd=job_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self._running = _Running(job_id, process)
             self.records.update("jobs", job_id, pid=process.pid)
         log.info("fine-tuning job %s: trainer started (pid %d)", job_id, process.pid)
@@ -319,12 +375,39 @@ class JobRunner:
         h, s = job["hyperparameters"], self.setup
         micro, accum = micro_batches(h["batch_size"])
         steps_per_epoch = math.ceil(math.ceil(job["train_examples"] / micro) / accum)
-        cmd = [s.python, "-m", "plait.cli", "train", job["training_file"], "--output", ADAPTER_DIR,
-               "--model", str(s.model_path), "--epochs", str(h["n_epochs"]), "--batch-size", str(micro),
-               "--grad-accum", str(accum), "--lr", repr(BASE_LEARNING_RATE * h["learning_rate_multiplier"]),
-               "--lora-r", str(h["lora_rank"]), "--lora-alpha", repr(h["lora_alpha"]),
-               "--lora-dropout", repr(h["lora_dropout"]), "--seed", str(job["seed"]),
-               "--save-every", str(steps_per_epoch), "--events", EVENTS_FILE, "--dtype", s.dtype]  # fmt: skip
+        cmd = [
+            s.python,
+            "-m",
+            "plait.cli",
+            "train",
+            job["training_file"],
+            "--output",
+            ADAPTER_DIR,
+            "--model",
+            str(s.model_path),
+            "--epochs",
+            str(h["n_epochs"]),
+            "--batch-size",
+            str(micro),
+            "--grad-accum",
+            str(accum),
+            "--lr",
+            repr(BASE_LEARNING_RATE * h["learning_rate_multiplier"]),
+            "--lora-r",
+            str(h["lora_rank"]),
+            "--lora-alpha",
+            repr(h["lora_alpha"]),
+            "--lora-dropout",
+            repr(h["lora_dropout"]),
+            "--seed",
+            str(job["seed"]),
+            "--save-every",
+            str(steps_per_epoch),
+            "--events",
+            EVENTS_FILE,
+            "--dtype",
+            s.dtype,
+        ]
         if job["validation_file"]:
             cmd += ["--eval-file", job["validation_file"]]
         if s.device:
@@ -349,8 +432,11 @@ class JobRunner:
                 self.records.add_event(job_id, message, data=data)
             elif kind == "eval":
                 progress.eval_loss[e["step"]] = e["eval_loss"]
-                self.records.add_event(job_id, f"Step {e['step']}: validation loss={e['eval_loss']:.4f}",
-                                       data={"step": e["step"], "valid_loss": e["eval_loss"]})  # fmt: skip
+                self.records.add_event(
+                    job_id,
+                    f"Step {e['step']}: validation loss={e['eval_loss']:.4f}",
+                    data={"step": e["step"], "valid_loss": e["eval_loss"]},
+                )
             elif kind == "checkpoint":
                 name = fine_tuned_name(self.setup.base_model, job["suffix"], job_id) + f":ckpt-step-{e['step']}"
                 self._checkpoint(job_id, e["step"], name, e.get("train_loss"), progress.eval_loss.get(e["step"]))
@@ -358,10 +444,17 @@ class JobRunner:
 
     def _checkpoint(self, job_id: str, step: int, name: str, train_loss, valid_loss) -> None:
         metrics = {"step": float(step), "train_loss": train_loss, "valid_loss": valid_loss}
-        self.records.insert("checkpoints", {
-            "id": new_id("ftckpt"), "job_id": job_id, "created_at": int(time.time()), "step_number": step,
-            "fine_tuned_model_checkpoint": name, "metrics": {k: v for k, v in metrics.items() if v is not None},
-        })  # fmt: skip
+        self.records.insert(
+            "checkpoints",
+            {
+                "id": new_id("ftckpt"),
+                "job_id": job_id,
+                "created_at": int(time.time()),
+                "step_number": step,
+                "fine_tuned_model_checkpoint": name,
+                "metrics": {k: v for k, v in metrics.items() if v is not None},
+            },
+        )
 
     def _succeed(self, job: dict, job_dir: Path) -> None:
         job_id, adapter = job["id"], job_dir / ADAPTER_DIR
@@ -375,13 +468,19 @@ class JobRunner:
         try:
             self.publish(name, files)
         except Exception as exc:  # the store's own refusal, said in its words
-            return self._fail(job_id, f"publishing the adapter failed: {getattr(exc, 'message', None) or exc}",
-                              code="publish_failed")  # fmt: skip
+            return self._fail(
+                job_id, f"publishing the adapter failed: {getattr(exc, 'message', None) or exc}", code="publish_failed"
+            )
         results = self.files.add_bytes(_results_csv(report), f"{job_id}-step_metrics.csv", RESULTS_PURPOSE)
         self._checkpoint(job_id, report["steps"], name, report.get("final_train_loss"), report.get("final_eval_loss"))
         self.records.add_event(job_id, f"New fine-tuned model created: {name}")
-        self._finish(job_id, "succeeded", fine_tuned_model=name, trained_tokens=report.get("tokens"),
-                     result_files=[results["id"]])  # fmt: skip
+        self._finish(
+            job_id,
+            "succeeded",
+            fine_tuned_model=name,
+            trained_tokens=report.get("tokens"),
+            result_files=[results["id"]],
+        )
         log.info("fine-tuning job %s: published %s", job_id, name)
 
     def _fail(self, job_id: str, message: str, code: str = "training_failed") -> None:
@@ -402,8 +501,12 @@ class JobRunner:
         if row is None:
             raise FineTuningError(400, f"Invalid {param}: no file '{file_id}'.", param, "invalid_file")
         if row["purpose"] != PURPOSE:
-            raise FineTuningError(400, f"Invalid {param}: '{file_id}' has purpose '{row['purpose']}', not "
-                                  f"'{PURPOSE}'.", param, "invalid_file")  # fmt: skip
+            raise FineTuningError(
+                400,
+                f"Invalid {param}: '{file_id}' has purpose '{row['purpose']}', not '{PURPOSE}'.",
+                param,
+                "invalid_file",
+            )
         return row
 
 

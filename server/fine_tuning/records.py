@@ -126,8 +126,9 @@ class Records:
         assert table in _TABLES and fields
         assignments = ", ".join(f"{c} = ?" for c in fields)
         with self._lock:
-            self._db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?",
-                             [*(_encode(c, v) for c, v in fields.items()), row_id])  # fmt: skip
+            self._db.execute(
+                f"UPDATE {table} SET {assignments} WHERE id = ?", [*(_encode(c, v) for c, v in fields.items()), row_id]
+            )
 
     def delete(self, table: str, row_id: str) -> bool:
         assert table in _TABLES
@@ -135,9 +136,14 @@ class Records:
             return self._db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,)).rowcount > 0
 
     def page(
-        self, table: str, *, where: dict | None = None, after: str | None = None, limit: int = 20,
+        self,
+        table: str,
+        *,
+        where: dict | None = None,
+        after: str | None = None,
+        limit: int = 20,
         newest_first: bool = True,
-    ) -> tuple[list[dict], bool]:  # fmt: skip
+    ) -> tuple[list[dict], bool]:
         """Up to `limit` rows matching `where` (column = value) past the row `after`, and whether more follow."""
         assert table in _TABLES
         where = dict(where or {})
@@ -163,9 +169,18 @@ class Records:
     # --- events ---------------------------------------------------------------------------------
 
     def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:
-        self.insert("events", {"id": new_id("ftevent"), "job_id": job_id, "created_at": int(time.time()),
-                               "level": level, "message": message, "type": "metrics" if data else "message",
-                               "data": data})  # fmt: skip
+        self.insert(
+            "events",
+            {
+                "id": new_id("ftevent"),
+                "job_id": job_id,
+                "created_at": int(time.time()),
+                "level": level,
+                "message": message,
+                "type": "metrics" if data else "message",
+                "data": data,
+            },
+        )
 
 
 def _encode(column: str, value: object) -> object:

@@ -27,8 +27,13 @@ class FineTuning:
     jobs: JobRunner
 
     @classmethod
-    def open(cls, data_dir: Path, setup: TrainerSetup, publish: Callable[[str, dict[str, bytes]], object],
-             max_file_bytes: int) -> FineTuning:  # fmt: skip
+    def open(
+        cls,
+        data_dir: Path,
+        setup: TrainerSetup,
+        publish: Callable[[str, dict[str, bytes]], object],
+        max_file_bytes: int,
+    ) -> FineTuning:
         """Open (or create) the records under `data_dir`; `start()` settles old jobs and runs queued ones."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
