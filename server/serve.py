@@ -14,7 +14,9 @@ import torch
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
 from plait.server.adapters.fusions import FusionStore
-from plait.server.adapters.store import AdapterStore
+from plait.server.adapters.merge import merge_adapters
+from plait.server.adapters.routers import RouterCache
+from plait.server.adapters.store import AdapterStore, validate_adapter_id
 from plait.server.base_model import (
     ModelLoadError,
     default_data_dir,
@@ -23,8 +25,7 @@ from plait.server.base_model import (
     load_tokenizer,
     resolve_model,
 )
-from plait.server.engine.attention import ATTENTION_NAME
-from plait.server.engine.engine import Engine, EngineConfig, LoRAConfig
+from plait.server.engine import ATTENTION_NAME, Engine, EngineConfig, LoRAConfig
 from plait.server.fine_tuning.jobs import TrainerSetup
 from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
@@ -139,9 +140,14 @@ def run(args: argparse.Namespace) -> int:
         fusions = FusionStore(Path(args.data_dir) / "fusions")
     except OSError as exc:
         return _fail(f"cannot use --data-dir {args.data_dir}: {exc}")
+
+    def read_version(adapter_id: str, version: int):
+        return read_adapter(store.version_path(adapter_id, version), targets, args.max_lora_rank)
+
     lora = LoRAConfig(
         targets=targets,
-        load=lambda key: read_adapter(key.path, targets, args.max_lora_rank),
+        load=lambda key: read_version(key.adapter_id, key.version),
+        merge=lambda members, spec: merge_adapters(members, spec, targets),
         max_device_adapters=args.max_gpu_adapters,
         max_cpu_adapters=args.max_cpu_adapters,
         max_rank=args.max_lora_rank,
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         store=store,
         fusions=fusions,
+        routers=RouterCache(read_version, device),
         lora_targets=targets,
         max_lora_rank=args.max_lora_rank,
         api_key=args.api_key,
@@ -170,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
             threads=args.train_threads,
             max_lora_rank=args.max_lora_rank,
         )
-        context.fine_tuning = FineTuning.open(Path(args.data_dir), setup, context.put_adapter, args.max_file_mb << 20)
+        context.fine_tuning = FineTuning.open(
+            Path(args.data_dir), setup, context.put_adapter_folder, validate_adapter_id, args.max_file_mb << 20
+        )
     except (OSError, sqlite3.Error) as exc:
         return _fail(f"cannot keep fine-tuning records in --data-dir {args.data_dir}: {exc}")
 
@@ -189,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:
-    """uvicorn on a thread of its own, the engine on the main thread (see `Engine`)."""
+    """uvicorn on a thread of its own, the engine on the main thread (see `Engine`).
+
+    If the engine fails, the HTTP side stops too and the process exits with status 1, so a
+    supervisor (systemd, Kubernetes) restarts it; `/health` answers 503 meanwhile.
+    """
     import uvicorn
 
     server = uvicorn.Server(
@@ -208,13 +221,18 @@ def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:
         signal.signal(sig, server.handle_exit)
     http = threading.Thread(target=run_http, name="plait-http")
     http.start()
-    engine.run()
+    try:
+        engine.run()
+    except Exception:
+        server.should_exit = True
+        http.join()
+        return _fail(f"the engine failed ({engine.failure}); exiting so that a supervisor restarts the server", 1)
     http.join()
     if not server.started:
         return _fail(f"could not listen on {args.host}:{args.port}")
     return 0
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = 2) -> int:
     print(f"plait serve: error: {message}", flush=True)
-    return 2
+    return status

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from plait.server.fine_tuning.contract import ERROR_PREFIX
 from plait.trainer.config import FIELDS, ConfigError, TrainConfig, build_config, load_config_file
 from plait.trainer.data import DataError, Example, read_examples
 
@@ -173,9 +174,9 @@ def train_adapter(
     import transformers
 
     from plait.server.base_model import ModelLoadError, default_device, load_tokenizer, resolve_model
+    from plait.server.fine_tuning.contract import DoneEvent, EventWriter
     from plait.trainer.loop import train
     from plait.trainer.model import LoraSettings, compute_dtype, load_for_training
-    from plait.trainer.report import EventLog
 
     transformers.utils.logging.disable_progress_bar()  # the training bar is the one to watch
     started = time.perf_counter()
@@ -201,10 +202,10 @@ def train_adapter(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    events = EventLog(config.events)
+    events = EventWriter(config.events)
     try:
         progress = train(
-            model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config), resume_from, events
+            model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config), resume_from, events.write
         )
         finish(
             model,
@@ -219,7 +220,10 @@ def train_adapter(
             wall_seconds=time.perf_counter() - started,
             resumed_from=resume_from,
         )
-        events("done", adapter=str(output), steps=progress.step, tokens=progress.tokens)
+        final_eval_loss = progress.eval_loss[-1][1] if progress.eval_loss else None
+        events.write(
+            DoneEvent(str(output), progress.step, progress.tokens, progress.train_loss[-1][1], final_eval_loss)
+        )
     finally:
         events.close()
     _info(f"adapter written to {output} ({progress.step} steps, loss {progress.train_loss[-1][1]:.4f})")
@@ -325,7 +329,7 @@ def publish_adapter(config: TrainConfig, output: Path) -> int:
     try:
         publish(config.publish, adapter_id, output, config.admin_key)
     except PublishError as exc:
-        print(f"plait train: error: publishing failed ({exc}); the adapter is still in {output}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}publishing failed ({exc}); the adapter is still in {output}", file=sys.stderr)
         return 1
     _info(f"published as {adapter_id} to {config.publish}")
     return 0
@@ -344,7 +348,7 @@ def _info(message: str) -> None:
 
 def _fail(exc: Exception | str) -> int:
     summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"plait train: error: {summary}", file=sys.stderr)
+    print(f"{ERROR_PREFIX}{summary}", file=sys.stderr)
     if isinstance(exc, DataError):
         for line in exc.details():
             print(f"  {line}", file=sys.stderr)

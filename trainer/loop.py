@@ -7,7 +7,6 @@ order and what a checkpoint holds are all visible here and exactly reproducible 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from plait.server.fine_tuning.contract import CheckpointEvent, EvalEvent, Event, StartEvent, StepEvent, steps_per_epoch
 from plait.trainer.batching import collate, plan_steps
 from plait.trainer.checkpoint import load_checkpoint, save_checkpoint
 from plait.trainer.config import TrainConfig
@@ -58,17 +58,17 @@ def train(
     run_dir: Path,
     settings: dict,
     resume_from: Path | None = None,
-    events: Callable[..., None] | None = None,
+    events: Callable[[Event], None] | None = None,
 ) -> Progress:
     """Train `model`'s adapters in place; checkpoints go to run_dir/checkpoints with `settings` in them.
 
-    `events(kind, **data)`, when given, hears of the start, every step, evaluation and checkpoint
-    (`plait.trainer.report.EventLog` writes them to `--events`).
+    `events(event)`, when given, hears of the start, every step, evaluation and checkpoint
+    (`plait.server.fine_tuning.contract.EventWriter` writes them to `--events`).
     """
-    events = events or (lambda kind, **data: None)
+    events = events or (lambda event: None)
     c = config
     plan = plan_steps(len(train_set), c.batch_size, c.grad_accum, c.epochs, c.max_steps, c.seed)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
+    epoch_steps = steps_per_epoch(len(train_set), config.batch_size, config.grad_accum)
     warmup = warmup_steps(len(plan), config.warmup_ratio, config.warmup_steps)
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, config, device)
@@ -77,7 +77,7 @@ def train(
         saved = load_checkpoint(resume_from, model, optimizer)
         progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
 
-    events("start", total_steps=len(plan), resumed_from_step=progress.step or None, examples=len(train_set))
+    events(StartEvent(total_steps=len(plan), examples=len(train_set), resumed_from_step=progress.step or None))
     model.train()
     bar = tqdm(total=len(plan), initial=progress.step, desc="plait train", unit="step", dynamic_ncols=True)
     segment_tokens, segment_seconds = 0, 0.0  # this process's share, for the bar's tokens/s
@@ -101,7 +101,7 @@ def train(
 
         step_tokens = sum(b.tokens for b in batches)
         progress.step = index + 1
-        progress.epochs = progress.step / steps_per_epoch
+        progress.epochs = progress.step / epoch_steps
         progress.tokens += step_tokens
         progress.target_tokens += step_targets
         step_seconds = time.perf_counter() - step_started
@@ -115,13 +115,14 @@ def train(
             loss=f"{step_loss / step_targets:.4f}", lr=f"{lr:.2e}", tok_s=f"{segment_tokens / segment_seconds:.0f}"
         )
         events(
-            "step",
-            step=progress.step,
-            total_steps=len(plan),
-            train_loss=step_loss / step_targets,
-            learning_rate=lr,
-            tokens=progress.tokens,
-            epochs=round(progress.epochs, 4),
+            StepEvent(
+                step=progress.step,
+                total_steps=len(plan),
+                train_loss=step_loss / step_targets,
+                learning_rate=lr,
+                tokens=progress.tokens,
+                epochs=round(progress.epochs, 4),
+            )
         )
 
         last = progress.step == len(plan)
@@ -129,12 +130,12 @@ def train(
             eval_loss = evaluate(model, eval_set, config.batch_size, pad_id, device)
             progress.eval_loss.append([progress.step, eval_loss])
             bar.write(f"step {progress.step}: eval loss {eval_loss:.4f}")
-            events("eval", step=progress.step, eval_loss=eval_loss)
+            events(EvalEvent(step=progress.step, eval_loss=eval_loss))
         if config.save_every and progress.step % config.save_every == 0 and not last:
             saved = save_checkpoint(
                 run_dir, progress.step, model, optimizer, {**dataclasses.asdict(progress), "settings": settings}
             )
-            events("checkpoint", step=progress.step, path=str(saved), train_loss=step_loss / step_targets)
+            events(CheckpointEvent(step=progress.step, path=str(saved), train_loss=step_loss / step_targets))
     bar.close()
     return progress
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.trainer.data import Conversation
+from plait.server.fine_tuning.contract import Conversation
 
 IGNORE_INDEX = -100  # the label cross-entropy skips (PyTorch's and transformers' convention)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-REPORT_FILE = "training_report.json"
+from plait.server.fine_tuning.contract import REPORT_FILE
+
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
@@ -47,25 +47,3 @@ def plot_loss_curve(path: Path, train_loss: list[list[float]], eval_loss: list[l
     axes.legend()
     figure.tight_layout()
     figure.savefig(path)
-
-
-class EventLog:
-    """`--events PATH`: progress as JSON lines for a process that follows the file (the server's job runner).
-
-    Each line is one object with `type` (start, step, eval, checkpoint, done) and `time`, written
-    in one call and flushed, so a reader that takes only complete lines never sees half of one.
-    Without a path it writes nothing.
-    """
-
-    def __init__(self, path: str | Path | None):
-        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 -- closed by close()
-
-    def __call__(self, kind: str, **data) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps({"type": kind, "time": round(time.time(), 3), **data}) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from plait.server.errors import ClientError
 
-class AdapterFormatError(ValueError):
+
+class AdapterFormatError(ClientError):
     """The adapter's files cannot be served as they are.
 
-    `field` names the config field, tensor key or file at fault (None when no single one is),
-    so the API can return it as the error's `param`.
+    `param` names the config field, tensor key or file at fault (None when no single one is).
     """
 
+    code = "invalid_adapter"
+
     def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
+        super().__init__(f"Invalid adapter: {message}", field)
 
 
 class AdapterTooLarge(AdapterFormatError):
-    """An upload is over the size limit; the API answers it with 413 rather than 400."""
+    """An upload is over the size limit (413 rather than 400)."""
+
+    status = 413
+    code = None
+
+    def __init__(self, message: str, field: str | None = None):
+        ClientError.__init__(self, message, field)

@@ -140,6 +140,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{ADAPTER_CONFIG} cannot be read: {exc}", ADAPTER_CONFIG) from None
     except json.JSONDecodeError as exc:
         raise AdapterFormatError(f"{ADAPTER_CONFIG} is not valid JSON: {exc}", ADAPTER_CONFIG) from None
+    except RecursionError:
+        raise AdapterFormatError(f"{ADAPTER_CONFIG} is nested too deeply to be a PEFT config", ADAPTER_CONFIG) from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{ADAPTER_CONFIG} is not a JSON object", ADAPTER_CONFIG)
     return config

@@ -5,23 +5,28 @@ Layout under `root`:
     <id>/v<version>/   adapter_config.json, adapter_model.safetensors, meta.json; never modified
     <id>/current       symlink to the published `v<version>`
     .staging-*/        an upload being written and validated
-    .trash-*/          a deleted adapter being removed
 
 `put` writes and fsyncs the files into a staging folder inside `root`, validates them there,
 renames the folder to `<id>/v<version>` and publishes it by renaming a new symlink over
 `current`; both renames are atomic on POSIX. A reader resolves `current` once (`get` returns the
 version folder itself, with its version) and reads from that folder, which never changes, so it
-sees one whole version. A replacement keeps the version it replaced, so a reader that resolved
-it just before can still finish; older versions are removed. A crash at any point leaves
-`current` naming the old version or the new one, each complete; what else it leaves (staging
-and trash folders, versions never published) is removed when a store is opened on `root`.
+sees one whole version. `delete` removes `current` in one step, so the id is gone for every
+reader at once.
+
+A version is kept while it is current, while it is the one current before it (a reader that
+resolved it just before a replacement can still finish), and while anyone holds it: `hold`
+resolves an id and keeps that version's files until `release`, however often the adapter is
+replaced or deleted meanwhile. A generation request holds the versions it uses until it ends.
+A crash at any point leaves `current` naming the old version or the new one, each complete;
+what else it leaves (staging folders, versions no longer kept, ids with no `current`) is
+removed when a store is opened on `root`.
 
 Ids are used as folder names as they are: `validate_adapter_id` leaves no `/`, no leading `.`
 and no `..`, and Plait runs on Linux, where `:` is an ordinary file name character. No id starts
-with `.`, so the store's own `.staging-*` and `.trash-*` folders never clash with an adapter.
+with `.`, so the store's own `.staging-*` folders never clash with an adapter.
 
 One process writes a store: the server (the trainer publishes through it). A lock makes its
-threads' writes one at a time.
+threads' writes, holds and releases one at a time.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from plait.server.adapters.format import LoRAAdapter
 from plait.server.adapters.uploads import MAX_ADAPTER_BYTES, check_files
+from plait.server.errors import ClientError
 
 log = logging.getLogger("plait.adapters")
 
@@ -50,11 +57,13 @@ _VERSION_DIR = re.compile(r"v(\d+)")
 _CURRENT = "current"
 _NEW_CURRENT = ".current-new"
 _STAGING = ".staging-"
-_TRASH = ".trash-"
 
 
-class InvalidAdapterId(ValueError):
-    pass
+class InvalidAdapterId(ClientError):
+    code = "invalid_adapter_id"
+
+    def __init__(self, message: str):
+        super().__init__(message, "id")
 
 
 def validate_adapter_id(adapter_id: str) -> str:
@@ -92,6 +101,7 @@ class AdapterStore:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._holds: Counter[tuple[str, int]] = Counter()
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover()
         self._last_version = max((v for d in self._adapter_dirs() for v in _versions(d)), default=0)
@@ -146,13 +156,33 @@ class AdapterStore:
             return None
         return _stored(path, meta)
 
+    def hold(self, adapter_id: str) -> StoredAdapter | None:
+        """Like `get`, and the version's files stay until `release`, whatever happens to the id meanwhile."""
+        with self._lock:
+            stored = self.get(adapter_id)
+            if stored is not None:
+                self._holds[stored.id, stored.version] += 1
+            return stored
+
+    def release(self, adapter_id: str, version: int) -> None:
+        """Give back one `hold`; a version nobody keeps any longer is removed."""
+        with self._lock:
+            self._holds[adapter_id, version] -= 1
+            if self._holds[adapter_id, version] <= 0:
+                del self._holds[adapter_id, version]
+                self._prune(self.root / adapter_id)
+
+    def version_path(self, adapter_id: str, version: int) -> Path:
+        """The folder of one version (it exists while the version is kept; see the module's docstring)."""
+        return self.root / validate_adapter_id(adapter_id) / f"v{version}"
+
     def list(self) -> list[StoredAdapter]:
         """Every published adapter, by id."""
         found = (self.get(d.name) for d in sorted(self._adapter_dirs()))
         return [adapter for adapter in found if adapter is not None]
 
     def delete(self, adapter_id: str) -> bool:
-        """Remove the adapter; False if there was none. Files a reader already opened stay readable."""
+        """Remove the adapter; False if there was none. Held versions stay until released."""
         try:
             adapter_dir = self.root / validate_adapter_id(adapter_id)
         except InvalidAdapterId:
@@ -160,10 +190,9 @@ class AdapterStore:
         with self._lock:
             if _current_version(adapter_dir) is None:
                 return False
-            trash = Path(tempfile.mkdtemp(prefix=_TRASH, dir=self.root))
-            os.rename(adapter_dir, trash / adapter_id)  # one atomic step: the id is gone for every reader
-            _fsync_dir(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+            (adapter_dir / _CURRENT).unlink()  # one atomic step: the id is gone for every reader
+            _fsync_dir(adapter_dir)
+            self._prune(adapter_dir)
         return True
 
     def _publish(self, staging: Path, meta: dict) -> StoredAdapter:
@@ -177,13 +206,30 @@ class AdapterStore:
         os.symlink(f"v{version}", new_current)
         os.replace(new_current, adapter_dir / _CURRENT)
         _fsync_dir(adapter_dir)
-        _remove_versions(adapter_dir, keep={version, replaced})
+        self._prune(adapter_dir, previous=replaced)
         return _stored(adapter_dir / f"v{version}", meta)
 
+    def _prune(self, adapter_dir: Path, previous: int | None = None) -> None:
+        """Remove the versions of one id that nobody keeps (the caller holds the lock).
+
+        Kept: the current version, `previous` (or, when not given, the newest version before
+        the current one), and every held version. An id with nothing left goes altogether.
+        """
+        if not adapter_dir.is_dir():
+            return
+        versions = _versions(adapter_dir)
+        current = _current_version(adapter_dir)
+        if current is not None and previous is None:
+            previous = max((v for v in versions if v < current), default=None)
+        keep = {current, previous} | {v for (held_id, v) in self._holds if held_id == adapter_dir.name}
+        _remove_versions(adapter_dir, keep)
+        if current is None and not any(v in keep for v in versions):
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+
     def _recover(self) -> None:
-        """Remove what an interrupted put or delete left behind; published versions are never touched."""
+        """Remove what an interrupted put or delete left behind, and versions nobody keeps any longer."""
         for entry in self.root.iterdir():
-            if entry.name.startswith((_STAGING, _TRASH)):
+            if entry.name.startswith(_STAGING):
                 shutil.rmtree(entry, ignore_errors=True)
         for adapter_dir in self._adapter_dirs():
             current = _current_version(adapter_dir)
@@ -191,8 +237,7 @@ class AdapterStore:
                 shutil.rmtree(adapter_dir, ignore_errors=True)  # its first version was never published
                 continue
             (adapter_dir / _NEW_CURRENT).unlink(missing_ok=True)
-            older = [v for v in _versions(adapter_dir) if v < current]
-            _remove_versions(adapter_dir, keep={current, max(older, default=None)})
+            self._prune(adapter_dir)
 
     def _adapter_dirs(self) -> list[Path]:
         """Folders under root named like adapters; anything else there is left alone."""

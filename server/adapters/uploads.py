@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from plait.server.adapters.errors import AdapterFormatError, AdapterTooLarge
@@ -63,6 +64,19 @@ def check_files(files: Mapping[str, bytes], max_bytes: int = MAX_ADAPTER_BYTES) 
     if total > max_bytes:
         raise AdapterTooLarge(f"the adapter is {total} bytes, over the limit of {max_bytes}")
     return {name: files[name] for name in ADAPTER_FILES}
+
+
+def files_from_folder(folder: Path, max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, bytes]:
+    """The adapter's two files from a folder on this machine, their sizes checked before any is read."""
+    present = [name for name in ADAPTER_FILES if (folder / name).is_file()]
+    try:
+        total = sum((folder / name).stat().st_size for name in present)
+        if total > max_bytes:
+            raise AdapterTooLarge(f"the adapter is {total} bytes, over the limit of {max_bytes}")
+        files = {name: (folder / name).read_bytes() for name in present}
+    except OSError as exc:
+        raise AdapterFormatError(f"{exc.filename or folder} cannot be read: {exc.strerror or exc}") from None
+    return check_files(files, max_bytes)
 
 
 def files_from_archive(archive: BinaryIO, max_bytes: int = MAX_ADAPTER_BYTES) -> dict[str, bytes]:

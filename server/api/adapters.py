@@ -3,7 +3,7 @@
 `POST /v1/adapters` takes multipart form data: the adapter id as field `id` and either the
 two PEFT files (`adapter_config.json`, `adapter_model.safetensors`) or one zip/tar archive
 of them as `files`. A replacement under an existing id is atomic for requests: those
-already running finish on the old weights, new ones get the new. vLLM's
+already resolved finish on the old weights, new ones get the new. vLLM's
 `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` work too, reading from a local path.
 """
 
@@ -16,12 +16,12 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict
 
-from plait.server.adapters.errors import AdapterFormatError, AdapterTooLarge
 from plait.server.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from plait.server.adapters.store import InvalidAdapterId, StoredAdapter
+from plait.server.adapters.store import StoredAdapter
 from plait.server.adapters.uploads import files_from_archive
 from plait.server.api.context import ServerContext, get_context, require_admin_key, require_api_key
-from plait.server.api.errors import APIError
+from plait.server.api.schema import error_responses
+from plait.server.errors import ClientError, NotFound, TooLarge
 
 router = APIRouter()
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
@@ -41,41 +41,48 @@ def adapter_object(stored: StoredAdapter, base_model: str) -> dict:
     }
 
 
-@router.post("/v1/adapters", status_code=201, dependencies=[Depends(require_admin_key)])
+@router.post(
+    "/v1/adapters",
+    status_code=201,
+    dependencies=[Depends(require_admin_key)],
+    responses=error_responses(400, 401, 413),
+)
 async def upload_adapter(
     id: str = Form(...), files: list[UploadFile] = File(default=[]), ctx: ServerContext = Depends(get_context)
 ):
     if not files:
-        raise APIError(
-            400, f"Send the adapter as 'files': {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or one archive.", "files"
+        raise ClientError(
+            f"Send the adapter as 'files': {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or one archive.", "files"
         )
     budget = ctx.store.max_bytes
     contents = {}
     for f in files:
         data = await f.read(budget + 1)
         if len(data) > budget:
-            raise APIError(413, f"The upload is larger than {budget} bytes.", "files")
+            raise TooLarge(f"The upload is larger than {budget} bytes.", "files")
         contents[Path(f.filename or "").name] = data
     if len(contents) == 1 and next(iter(contents)) not in ADAPTER_FILES:
         archive = io.BytesIO(next(iter(contents.values())))
-        contents = await asyncio.to_thread(_guarded, files_from_archive, archive, budget)
-    stored = await asyncio.to_thread(_guarded, ctx.put_adapter, id, contents)
+        contents = await asyncio.to_thread(files_from_archive, archive, budget)
+    stored = await asyncio.to_thread(ctx.put_adapter, id, contents)
     return adapter_object(stored, ctx.model_name)
 
 
-@router.get("/v1/adapters", dependencies=[Depends(require_api_key)])
-async def list_adapters(ctx: ServerContext = Depends(get_context)):
+@router.get("/v1/adapters", dependencies=[Depends(require_api_key)], responses=error_responses(401))
+def list_adapters(ctx: ServerContext = Depends(get_context)):
     return {"object": "list", "data": [adapter_object(a, ctx.model_name) for a in ctx.store.list()]}
 
 
-@router.get("/v1/adapters/{adapter_id}", dependencies=[Depends(require_api_key)])
-async def get_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
+@router.get("/v1/adapters/{adapter_id}", dependencies=[Depends(require_api_key)], responses=error_responses(401, 404))
+def get_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
     return adapter_object(ctx.stored_adapter(adapter_id), ctx.model_name)
 
 
-@router.delete("/v1/adapters/{adapter_id}", dependencies=[Depends(require_admin_key)])
-async def delete_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
-    await asyncio.to_thread(ctx.delete_adapter, adapter_id)
+@router.delete(
+    "/v1/adapters/{adapter_id}", dependencies=[Depends(require_admin_key)], responses=error_responses(401, 404, 409)
+)
+def delete_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
+    ctx.delete_adapter(adapter_id)
     return {"id": adapter_id, "object": "adapter", "deleted": True}
 
 
@@ -90,32 +97,24 @@ class UnloadLoRARequest(BaseModel):
     lora_name: str
 
 
-@router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin_key)])
-async def load_lora_adapter(body: LoadLoRARequest, ctx: ServerContext = Depends(get_context)):
+@router.post(
+    "/v1/load_lora_adapter", dependencies=[Depends(require_admin_key)], responses=error_responses(400, 401, 404, 413)
+)
+def load_lora_adapter(body: LoadLoRARequest, ctx: ServerContext = Depends(get_context)):
     folder = Path(body.lora_path).expanduser()
-    if not folder.is_dir():
-        raise APIError(404, f"No adapter folder at lora_path '{body.lora_path}'.", "lora_path", "adapter_not_found")
-    contents = {}
-    for name in ADAPTER_FILES:
-        if (folder / name).is_file():
-            contents[name] = await asyncio.to_thread((folder / name).read_bytes)
-    stored = await asyncio.to_thread(_guarded, ctx.put_adapter, body.lora_name, contents)
+    try:
+        found = folder.is_dir()
+    except (OSError, ValueError):  # a path the system cannot even look up (NUL bytes, too long)
+        found = False
+    if not found:
+        raise NotFound(f"No adapter folder at lora_path '{body.lora_path}'.", "lora_path", "adapter_not_found")
+    stored = ctx.put_adapter_folder(body.lora_name, folder)
     return adapter_object(stored, ctx.model_name)
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin_key)])
-async def unload_lora_adapter(body: UnloadLoRARequest, ctx: ServerContext = Depends(get_context)):
-    await asyncio.to_thread(ctx.delete_adapter, body.lora_name)
+@router.post(
+    "/v1/unload_lora_adapter", dependencies=[Depends(require_admin_key)], responses=error_responses(400, 401, 404, 409)
+)
+def unload_lora_adapter(body: UnloadLoRARequest, ctx: ServerContext = Depends(get_context)):
+    ctx.delete_adapter(body.lora_name)
     return {"id": body.lora_name, "object": "adapter", "deleted": True}
-
-
-def _guarded(fn, *args):
-    """Run a store or archive call, turning what the client got wrong into a 4xx."""
-    try:
-        return fn(*args)
-    except AdapterTooLarge as exc:
-        raise APIError(413, exc.message, exc.field) from None
-    except AdapterFormatError as exc:
-        raise APIError(400, f"Invalid adapter: {exc.message}", exc.field, "invalid_adapter") from None
-    except InvalidAdapterId as exc:
-        raise APIError(400, str(exc), "id", "invalid_adapter_id") from None

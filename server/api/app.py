@@ -11,36 +11,47 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from plait.server.api import adapters, files, fine_tuning, fusions, generation
 from plait.server.api.context import ServerContext, get_context, require_api_key
-from plait.server.api.errors import error_response, install_error_handlers
+from plait.server.api.errors import BodyTooLarge, error_response, install_error_handlers
+from plait.server.api.schema import error_responses, install_openapi
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MULTIPART_OVERHEAD_BYTES = 1 << 20
 
 
 class BodySizeLimit:
-    """Refuses bodies declared larger than the limit before reading them.
+    """Refuses a request body past its limit, counting the bytes as they are read.
 
-    Plain ASGI rather than `@app.middleware("http")`: that wrapper hides client disconnects
-    from the routes, and they need them to free a departed client's slot.
+    A declared `Content-Length` over the limit is refused before anything is read; a body
+    sent without one (chunked) fails its route with a 413 as soon as the bytes read pass the
+    limit, so it is never held whole. Plain ASGI rather than `@app.middleware("http")`: that
+    wrapper hides client disconnects from the routes, and they need them to free a departed
+    client's slot.
     """
 
-    def __init__(self, app, max_bytes: int, upload_bytes: int, file_bytes: int | None = None):
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, int]):
         self.app = app
         self.max_bytes = max_bytes
-        # Uploads, by path: their own limits plus multipart framing.
-        self.path_limits = {
-            "/v1/adapters": upload_bytes,
-            "/v1/files": file_bytes or max_bytes,
-            "/v1/fusions": fusions.MAX_ROUTER_BYTES + (1 << 20),
-        }
+        self.path_limits = path_limits
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            limit = self.path_limits.get(scope["path"], self.max_bytes)
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > limit:
-                response = error_response(413, f"The request body is larger than {limit} bytes.")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await error_response(413, BodyTooLarge(limit).detail)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
@@ -59,19 +70,25 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     app = FastAPI(title="Plait", version="0.1.0", lifespan=lifespan)
     app.state.context = context
     install_error_handlers(app)
+    install_openapi(app)
 
-    file_bytes = context.fine_tuning.files.max_bytes + (1 << 20) if context.fine_tuning is not None else None
-    app.add_middleware(
-        BodySizeLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=context.store.max_bytes + (1 << 20), file_bytes=file_bytes
-    )
+    # Uploads have their own limits, plus multipart framing.
+    path_limits = {
+        "/v1/adapters": context.store.max_bytes + MULTIPART_OVERHEAD_BYTES,
+        "/v1/fusions": fusions.MAX_ROUTER_BYTES + MULTIPART_OVERHEAD_BYTES,
+    }
+    if context.fine_tuning is not None:
+        path_limits["/v1/files"] = context.fine_tuning.files.max_bytes + MULTIPART_OVERHEAD_BYTES
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, path_limits=path_limits)
     app.include_router(generation.router)
     app.include_router(adapters.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(fusions.router)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
-    async def list_models(ctx: ServerContext = Depends(get_context)):
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)], responses=error_responses(401))
+    def list_models(ctx: ServerContext = Depends(get_context)):
+        # A plain function: FastAPI runs it on a worker thread, as it reads the stores' files.
         base = {
             "id": ctx.model_name,
             "object": "model",
@@ -91,8 +108,12 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
         ]
         return {"object": "list", "data": [base, *served, *fused]}
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(503))
     async def health(ctx: ServerContext = Depends(get_context)):
+        if ctx.engine.failure is not None:
+            return error_response(
+                503, f"The engine failed ({ctx.engine.failure}); the server is exiting.", code="failed"
+            )
         if not ctx.engine.accepting:
             return error_response(503, "The server is starting up or shutting down.", code="unavailable")
         return JSONResponse({"status": "ok", "model": ctx.model_name, "requests_in_flight": ctx.engine.num_unfinished})

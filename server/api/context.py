@@ -1,33 +1,30 @@
-"""What every route needs: the engine, the tokenizer, the served names and the keys."""
+"""What every route needs: the engine, the tokenizer, the stores, the served names and the keys.
+
+One `ServerContext` per server, made by `plait serve` and shared by every HTTP worker. Its
+parts guard themselves (the stores and the router cache have locks, the engine takes
+requests through its inbox); the context adds only the steps that must touch several of them
+in order, such as storing an adapter and then telling the engine and the router cache to
+forget its old versions.
+"""
 
 from __future__ import annotations
 
 import hmac
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Request
 
 from plait.server.adapters.format import read_adapter
-from plait.server.adapters.fusions import Fusion, FusionStore
-from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter, is_adapter_id
-from plait.server.api.errors import APIError
-from plait.server.engine.adapter_slots import AdapterKey, SlotKey
-from plait.server.engine.engine import Engine
-from plait.server.engine.routing import Router, arrow_router, read_learned_router
+from plait.server.adapters.fusions import FusionStore
+from plait.server.adapters.routers import RouterCache
+from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter
+from plait.server.adapters.uploads import files_from_folder
+from plait.server.engine import Engine
+from plait.server.errors import ClientError, Conflict, NotFound
 from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
-
-
-@dataclass(frozen=True)
-class Served:
-    """What one request runs: the name it answers as, its (adapter, weight) pairs, and for a
-    fusion, the record and (unless its weights are fixed) the router that reweights them."""
-
-    model: str
-    adapters: tuple[tuple[SlotKey, float], ...] = ()
-    router: Router | None = None
-    fusion: Fusion | None = None
 
 
 @dataclass
@@ -38,6 +35,7 @@ class ServerContext:
     metrics: Metrics
     store: AdapterStore
     fusions: FusionStore
+    routers: RouterCache
     lora_targets: dict[str, tuple[int, int]]
     max_lora_rank: int
     api_key: str | None = None
@@ -45,65 +43,44 @@ class ServerContext:
     default_max_tokens: int = 1024
     fine_tuning: FineTuning | None = None  # files and fine-tuning jobs (plait.server.fine_tuning)
     created: int = field(default_factory=lambda: int(time.time()))
+    # Characters a single token can stand for, at most: a text longer than the context times
+    # this cannot fit, which is found without tokenizing it.
+    max_token_chars: int = field(init=False)
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
-    _routers: dict[tuple, Router] = field(default_factory=dict, repr=False)
 
-    def resolve_model(self, requested: str | None) -> Served:
-        """What a `model` field names: the base model (or nothing), an adapter, or a fusion."""
-        if requested is None or requested == self.model_name:
-            return Served(self.model_name)
-        fusion = self.fusions.get(requested)
-        if fusion is None:
-            return Served(requested, ((self.adapter_key(requested, "model"), 1.0),))
-        keys = tuple(self.adapter_key(member, "model") for member in fusion.members)
-        if fusion.weights is not None:
-            return Served(requested, tuple(zip(keys, fusion.weights, strict=True)), fusion=fusion)
-        return Served(requested, tuple((key, 1.0) for key in keys), self._router(fusion, keys), fusion)
-
-    def _router(self, fusion: Fusion, keys: tuple[AdapterKey, ...]) -> Router:
-        """A fusion's router for these member versions, built once (reading every member)."""
-        cache_key = (fusion.id, fusion.created, keys)
-        router = self._routers.get(cache_key)
-        if router is None:
-            members = [read_adapter(key.path, self.lora_targets, self.max_lora_rank) for key in keys]
-            if fusion.router == "arrow":
-                router = arrow_router(members, fusion.top_k, fusion.temperature)
-            else:
-                router = read_learned_router(fusion.router_file, members, fusion.top_k, fusion.temperature)
-            router = self._routers[cache_key] = router.to(self.engine.device)
-        return router
-
-    def adapter_key(self, adapter_id: str, param: str) -> AdapterKey:
-        stored = self.store.get(adapter_id) if is_adapter_id(adapter_id) else None
-        if stored is None:
-            raise APIError(404, f"The model '{adapter_id}' does not exist.", param, "model_not_found")
-        return AdapterKey(stored.id, stored.version, stored.path)
+    def __post_init__(self) -> None:
+        self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
 
     def stored_adapter(self, adapter_id: str) -> StoredAdapter:
-        stored = self.store.get(adapter_id) if is_adapter_id(adapter_id) else None
+        stored = self.store.get(adapter_id)
         if stored is None:
-            raise APIError(404, f"No adapter '{adapter_id}'.", "id", "adapter_not_found")
+            raise NotFound(f"No adapter '{adapter_id}'.", "id", "adapter_not_found")
         return stored
 
+    def read_adapter(self, folder: Path):
+        """An adapter's weights, checked against this base model (AdapterFormatError refuses them)."""
+        return read_adapter(folder, self.lora_targets, self.max_lora_rank)
+
     def put_adapter(self, adapter_id: str, files: dict[str, bytes]) -> StoredAdapter:
-        """Validate against this base model and store; raises the store's format errors."""
+        """Validate against this base model and store; the old version's caches are freed."""
         if adapter_id == self.model_name:
             raise InvalidAdapterId(f"'{adapter_id}' is the base model's name")
         if self.fusions.get(adapter_id) is not None:
             raise InvalidAdapterId(f"'{adapter_id}' is a fusion's name")
-        stored = self.store.put(
-            adapter_id, files, lambda folder: read_adapter(folder, self.lora_targets, self.max_lora_rank)
-        )
+        stored = self.store.put(adapter_id, files, self.read_adapter)
         self._forget(adapter_id, keep_version=stored.version)
         return stored
+
+    def put_adapter_folder(self, adapter_id: str, folder: Path) -> StoredAdapter:
+        """`put_adapter` with the two files read from a folder on this machine (sizes checked first)."""
+        return self.put_adapter(adapter_id, files_from_folder(folder, self.store.max_bytes))
 
     def delete_adapter(self, adapter_id: str) -> None:
         """Remove an adapter from the store, unless a fusion still uses it."""
         self.stored_adapter(adapter_id)
         users = self.fusions.using(adapter_id)
         if users:
-            raise APIError(
-                409,
+            raise Conflict(
                 f"The adapter '{adapter_id}' is a member of the fusion(s) {', '.join(users)}; delete those first.",
                 "id",
                 "adapter_in_use",
@@ -111,16 +88,18 @@ class ServerContext:
         self.store.delete(adapter_id)
         self._forget(adapter_id)
 
+    def delete_fusion(self, fusion_id: str) -> None:
+        if not self.fusions.delete(fusion_id):
+            raise NotFound(f"No fusion '{fusion_id}'.", "id", "fusion_not_found")
+        self.routers.forget_fusion(fusion_id)
+
     def _forget(self, adapter_id: str, keep_version: int | None = None) -> None:
         """Free what the engine and the router cache hold of the adapter's other versions."""
         self.engine.forget_adapter(adapter_id, keep_version)
-        self._routers = {
-            (fusion, created, keys): router
-            for (fusion, created, keys), router in self._routers.items()
-            if not any(key.superseded(adapter_id, keep_version) for key in keys)
-        }
+        self.routers.forget_adapter(adapter_id, keep_version)
 
     def token_text(self, token_id: int) -> str:
+        """A token's text, as logprobs show it (cached; called on the event loop only)."""
         text = self._token_texts.get(token_id)
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
@@ -151,6 +130,8 @@ def _check_key(request: Request, accepted: list[str], admin: bool = False) -> No
     given = given.strip().encode()
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k.encode()) for k in accepted):
         which = "admin key" if admin else "API key"
-        raise APIError(
-            401, f"Incorrect or missing {which}. Send it as 'Authorization: Bearer <key>'.", code="invalid_api_key"
+        raise ClientError(
+            f"Incorrect or missing {which}. Send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+            status=401,
         )

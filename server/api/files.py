@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from plait.server.api.context import ServerContext, get_context, require_admin_key, require_api_key
-from plait.server.api.errors import APIError
-from plait.server.fine_tuning.errors import FineTuningError
-from plait.server.fine_tuning.records import UnknownCursor
+from plait.server.api.schema import error_responses
+from plait.server.errors import ClientError, NotFound
+from plait.server.fine_tuning.records import FileRecord
 from plait.server.fine_tuning.service import FineTuning
 
 router = APIRouter()
@@ -24,23 +24,13 @@ MAX_FILES_LISTED = 10_000
 
 def service(ctx: ServerContext) -> FineTuning:
     if ctx.fine_tuning is None:
-        raise APIError(404, "Fine-tuning is not enabled on this server.", code="not_enabled")
+        raise NotFound("Fine-tuning is not enabled on this server.", code="not_enabled")
     return ctx.fine_tuning
-
-
-def guarded(fn, *args, **kwargs):
-    """Run a fine-tuning call, turning what the client got wrong into its 4xx."""
-    try:
-        return fn(*args, **kwargs)
-    except FineTuningError as exc:
-        raise APIError(exc.status, exc.message, exc.param, exc.code) from None
-    except UnknownCursor as exc:
-        raise APIError(400, f"Invalid 'after': no '{exc}' in this list.", "after", "invalid_value") from None
 
 
 def check_limit(limit: int, most: int) -> int:
     if not 1 <= limit <= most:
-        raise APIError(400, f"limit must be from 1 to {most}, got {limit}.", "limit", "invalid_value")
+        raise ClientError(f"limit must be from 1 to {most}, got {limit}.", "limit", "invalid_value")
     return limit
 
 
@@ -54,21 +44,21 @@ def page_object(data: list[dict], has_more: bool) -> dict:
     }
 
 
-def file_object(row: dict) -> dict:
+def file_object(record: FileRecord) -> dict:
     return {
-        "id": row["id"],
+        "id": record.id,
         "object": "file",
-        "bytes": row["bytes"],
-        "created_at": row["created_at"],
-        "filename": row["filename"],
-        "purpose": row["purpose"],
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
         "status": "processed",
         "status_details": None,
         "expires_at": None,
     }
 
 
-@router.post("/v1/files", dependencies=[Depends(require_admin_key)])
+@router.post("/v1/files", dependencies=[Depends(require_admin_key)], responses=error_responses(400, 401, 404, 413))
 async def upload_file(
     file: UploadFile | None = File(default=None),
     purpose: str | None = Form(default=None),
@@ -76,14 +66,14 @@ async def upload_file(
 ):
     files = service(ctx).files
     if file is None or isinstance(file, str):
-        raise APIError(400, "Send the training data as the multipart field 'file'.", "file", "missing_file")
+        raise ClientError("Send the training data as the multipart field 'file'.", "file", "missing_file")
     if purpose is None:
-        raise APIError(400, "Give the multipart field 'purpose' ('fine-tune').", "purpose", "missing_purpose")
-    row = await asyncio.to_thread(guarded, files.add_upload, file.file, file.filename or "", purpose)
-    return file_object(row)
+        raise ClientError("Give the multipart field 'purpose' ('fine-tune').", "purpose", "missing_purpose")
+    record = await asyncio.to_thread(files.add_upload, file.file, file.filename or "", purpose)
+    return file_object(record)
 
 
-@router.get("/v1/files", dependencies=[Depends(require_api_key)])
+@router.get("/v1/files", dependencies=[Depends(require_api_key)], responses=error_responses(400, 401, 404))
 def list_files(
     purpose: str | None = None,
     after: str | None = None,
@@ -92,32 +82,34 @@ def list_files(
     ctx: ServerContext = Depends(get_context),
 ):
     if order not in ("asc", "desc"):
-        raise APIError(400, f"order must be 'asc' or 'desc', got '{order}'.", "order", "invalid_value")
-    where = {"purpose": purpose} if purpose else None
-    rows, more = guarded(
-        service(ctx).records.page,
-        "files",
-        where=where,
+        raise ClientError(f"order must be 'asc' or 'desc', got '{order}'.", "order", "invalid_value")
+    records, more = service(ctx).records.page(
+        FileRecord,
+        where={"purpose": purpose} if purpose else None,
         after=after,
         limit=check_limit(limit, MAX_FILES_LISTED),
         newest_first=order == "desc",
     )
-    return page_object([file_object(r) for r in rows], more)
+    return page_object([file_object(r) for r in records], more)
 
 
-@router.get("/v1/files/{file_id}", dependencies=[Depends(require_api_key)])
+@router.get("/v1/files/{file_id}", dependencies=[Depends(require_api_key)], responses=error_responses(401, 404))
 def get_file(file_id: str, ctx: ServerContext = Depends(get_context)):
-    return file_object(guarded(service(ctx).files.get, file_id))
+    return file_object(service(ctx).files.get(file_id))
 
 
-@router.get("/v1/files/{file_id}/content", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/v1/files/{file_id}/content",
+    dependencies=[Depends(require_api_key)],
+    responses={**error_responses(401, 404), 200: {"content": {"application/octet-stream": {}}}},
+)
 def file_content(file_id: str, ctx: ServerContext = Depends(get_context)):
     files = service(ctx).files
-    row = guarded(files.get, file_id)
+    record = files.get(file_id)
     try:
-        handle = open(files.root / row["id"], "rb")  # noqa: SIM115 -- closed by the response's iterator
+        handle = open(files.root / record.id, "rb")  # noqa: SIM115 -- closed by the response's iterator
     except FileNotFoundError:
-        raise APIError(404, f"No such file: '{file_id}'.", "file_id", "file_not_found") from None
+        raise NotFound(f"No such file: '{file_id}'.", "file_id", "file_not_found") from None
 
     def chunks():
         with handle:
@@ -125,11 +117,11 @@ def file_content(file_id: str, ctx: ServerContext = Depends(get_context)):
                 yield chunk
 
     return StreamingResponse(
-        chunks(), media_type="application/octet-stream", headers={"Content-Length": str(row["bytes"])}
+        chunks(), media_type="application/octet-stream", headers={"Content-Length": str(record.bytes)}
     )
 
 
-@router.delete("/v1/files/{file_id}", dependencies=[Depends(require_admin_key)])
+@router.delete("/v1/files/{file_id}", dependencies=[Depends(require_admin_key)], responses=error_responses(401, 404))
 def delete_file(file_id: str, ctx: ServerContext = Depends(get_context)):
-    guarded(service(ctx).files.delete, file_id)
+    service(ctx).files.delete(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -16,8 +16,10 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 
 from plait.server.api.context import ServerContext, get_context, require_admin_key, require_api_key
-from plait.server.api.errors import APIError
-from plait.server.api.files import check_limit, guarded, page_object, service
+from plait.server.api.files import check_limit, page_object, service
+from plait.server.api.schema import error_responses
+from plait.server.errors import ClientError
+from plait.server.fine_tuning.records import CheckpointRecord, EventRecord, JobRecord
 
 router = APIRouter()
 ORGANIZATION = "plait"
@@ -49,16 +51,14 @@ class CreateJobRequest(_Body):
 
     def merged_hyperparameters(self) -> dict[str, Any] | None:
         if self.method is not None and self.method.type != "supervised":
-            raise APIError(
-                400,
+            raise ClientError(
                 f"Only supervised fine-tuning is supported, not '{self.method.type}'.",
                 "method.type",
                 "invalid_value",
             )
         nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
         if nested is not None and self.hyperparameters is not None:
-            raise APIError(
-                400,
+            raise ClientError(
                 "Give hyperparameters either at the top level or in method.supervised, not both.",
                 "hyperparameters",
                 "invalid_value",
@@ -66,55 +66,62 @@ class CreateJobRequest(_Body):
         return nested if nested is not None else self.hyperparameters
 
 
-def job_object(job: dict) -> dict:
-    hyperparameters = job["hyperparameters"]
+def job_object(job: JobRecord) -> dict:
     return {
-        "id": job["id"],
+        "id": job.id,
         "object": "fine_tuning.job",
-        "created_at": job["created_at"],
-        "error": job["error"],
-        "fine_tuned_model": job["fine_tuned_model"],
-        "finished_at": job["finished_at"],
-        "hyperparameters": hyperparameters,
-        "model": job["model"],
+        "created_at": job.created_at,
+        "error": job.error,
+        "fine_tuned_model": job.fine_tuned_model,
+        "finished_at": job.finished_at,
+        "hyperparameters": job.hyperparameters,
+        "model": job.model,
         "organization_id": ORGANIZATION,
-        "result_files": job["result_files"],
-        "seed": job["seed"],
-        "status": job["status"],
-        "trained_tokens": job["trained_tokens"],
-        "training_file": job["training_file"],
-        "validation_file": job["validation_file"],
+        "result_files": job.result_files,
+        "seed": job.seed,
+        "status": job.status,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
         "estimated_finish": None,
         "integrations": [],
-        "metadata": job["metadata"],
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-        "user_provided_suffix": job["suffix"],
+        "metadata": job.metadata,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+        "user_provided_suffix": job.suffix,
     }
 
 
-def event_object(event: dict) -> dict:
-    fields = ("id", "created_at", "level", "message", "type", "data")
-    return {"object": "fine_tuning.job.event", **{k: event[k] for k in fields}}
-
-
-def checkpoint_object(checkpoint: dict) -> dict:
+def event_object(event: EventRecord) -> dict:
     return {
-        "id": checkpoint["id"],
-        "object": "fine_tuning.job.checkpoint",
-        "created_at": checkpoint["created_at"],
-        "fine_tuned_model_checkpoint": checkpoint["fine_tuned_model_checkpoint"],
-        "fine_tuning_job_id": checkpoint["job_id"],
-        "metrics": checkpoint["metrics"],
-        "step_number": checkpoint["step_number"],
+        "object": "fine_tuning.job.event",
+        "id": event.id,
+        "created_at": event.created_at,
+        "level": event.level,
+        "message": event.message,
+        "type": event.type,
+        "data": event.data,
     }
 
 
-@router.post("/v1/fine_tuning/jobs", dependencies=[Depends(require_admin_key)])
+def checkpoint_object(checkpoint: CheckpointRecord) -> dict:
+    return {
+        "id": checkpoint.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": checkpoint.created_at,
+        "fine_tuned_model_checkpoint": checkpoint.fine_tuned_model_checkpoint,
+        "fine_tuning_job_id": checkpoint.job_id,
+        "metrics": checkpoint.metrics,
+        "step_number": checkpoint.step_number,
+    }
+
+
+@router.post(
+    "/v1/fine_tuning/jobs", dependencies=[Depends(require_admin_key)], responses=error_responses(400, 401, 404)
+)
 def create_job(body: CreateJobRequest, ctx: ServerContext = Depends(get_context)):
     if body.integrations:
-        raise APIError(400, "integrations are not supported.", "integrations", "invalid_value")
-    job = guarded(
-        service(ctx).jobs.create,
+        raise ClientError("integrations are not supported.", "integrations", "invalid_value")
+    job = service(ctx).jobs.create(
         model=body.model,
         training_file=body.training_file,
         validation_file=body.validation_file,
@@ -126,37 +133,51 @@ def create_job(body: CreateJobRequest, ctx: ServerContext = Depends(get_context)
     return job_object(job)
 
 
-@router.get("/v1/fine_tuning/jobs", dependencies=[Depends(require_api_key)])
+@router.get("/v1/fine_tuning/jobs", dependencies=[Depends(require_api_key)], responses=error_responses(400, 401, 404))
 def list_jobs(after: str | None = None, limit: int = 20, ctx: ServerContext = Depends(get_context)):
-    rows, more = guarded(service(ctx).records.page, "jobs", after=after, limit=check_limit(limit, 100))
-    return page_object([job_object(r) for r in rows], more)
+    jobs, more = service(ctx).records.page(JobRecord, after=after, limit=check_limit(limit, 100))
+    return page_object([job_object(j) for j in jobs], more)
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/v1/fine_tuning/jobs/{job_id}", dependencies=[Depends(require_api_key)], responses=error_responses(401, 404)
+)
 def get_job(job_id: str, ctx: ServerContext = Depends(get_context)):
-    return job_object(guarded(service(ctx).jobs.get, job_id))
+    return job_object(service(ctx).jobs.get(job_id))
 
 
-@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=[Depends(require_admin_key)])
+@router.post(
+    "/v1/fine_tuning/jobs/{job_id}/cancel",
+    dependencies=[Depends(require_admin_key)],
+    responses=error_responses(400, 401, 404),
+)
 def cancel_job(job_id: str, ctx: ServerContext = Depends(get_context)):
-    return job_object(guarded(service(ctx).jobs.cancel, job_id))
+    return job_object(service(ctx).jobs.cancel(job_id))
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/v1/fine_tuning/jobs/{job_id}/events",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404),
+)
 def list_events(job_id: str, after: str | None = None, limit: int = 20, ctx: ServerContext = Depends(get_context)):
     fine_tuning = service(ctx)
-    guarded(fine_tuning.jobs.get, job_id)
-    rows, more = guarded(
-        fine_tuning.records.page, "events", where={"job_id": job_id}, after=after, limit=check_limit(limit, 1000)
+    fine_tuning.jobs.get(job_id)
+    events, more = fine_tuning.records.page(
+        EventRecord, where={"job_id": job_id}, after=after, limit=check_limit(limit, 1000)
     )
-    return page_object([event_object(r) for r in rows], more)
+    return page_object([event_object(e) for e in events], more)
 
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404),
+)
 def list_checkpoints(job_id: str, after: str | None = None, limit: int = 10, ctx: ServerContext = Depends(get_context)):
     fine_tuning = service(ctx)
-    guarded(fine_tuning.jobs.get, job_id)
-    rows, more = guarded(
-        fine_tuning.records.page, "checkpoints", where={"job_id": job_id}, after=after, limit=check_limit(limit, 100)
+    fine_tuning.jobs.get(job_id)
+    checkpoints, more = fine_tuning.records.page(
+        CheckpointRecord, where={"job_id": job_id}, after=after, limit=check_limit(limit, 100)
     )
-    return page_object([checkpoint_object(r) for r in rows], more)
+    return page_object([checkpoint_object(c) for c in checkpoints], more)

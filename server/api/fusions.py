@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-import safetensors.torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
 
-from plait.server.adapters.format import read_adapter
 from plait.server.adapters.fusions import Fusion, check_fusion
-from plait.server.adapters.store import InvalidAdapterId
+from plait.server.adapters.routers import check_learned_router
 from plait.server.api.context import ServerContext, get_context, require_admin_key, require_api_key
-from plait.server.api.errors import APIError
-from plait.server.engine.routing import check_learned_router
+from plait.server.api.schema import error_responses
+from plait.server.errors import ClientError, Conflict, NotFound, TooLarge
 
 router = APIRouter()
 MAX_ROUTER_BYTES = 64 << 20
@@ -29,7 +26,7 @@ DEFAULT_TOP_K = 3  # PEFT's Arrow default, capped at the number of members
 
 
 class FusionRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     id: str
     members: list[str] = Field(min_length=1)
     router: str
@@ -53,7 +50,30 @@ def fusion_object(fusion: Fusion, base_model: str) -> dict:
     }
 
 
-@router.post("/v1/fusions", status_code=201, dependencies=[Depends(require_admin_key)])
+@router.post(
+    "/v1/fusions",
+    status_code=201,
+    dependencies=[Depends(require_admin_key)],
+    responses=error_responses(400, 401, 409, 413),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": FusionRequest.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["fusion"],
+                        "properties": {
+                            "fusion": {"type": "string", "description": "the fusion as JSON"},
+                            "router_weights": {"type": "string", "format": "binary"},
+                        },
+                    }
+                },
+            },
+        }
+    },
+)
 async def create_fusion(request: Request, ctx: ServerContext = Depends(get_context)):
     body, router_weights = await _read_body(request)
     fusion = Fusion(
@@ -68,28 +88,25 @@ async def create_fusion(request: Request, ctx: ServerContext = Depends(get_conte
     return fusion_object(stored, ctx.model_name)
 
 
-@router.get("/v1/fusions", dependencies=[Depends(require_api_key)])
-async def list_fusions(ctx: ServerContext = Depends(get_context)):
+@router.get("/v1/fusions", dependencies=[Depends(require_api_key)], responses=error_responses(401))
+def list_fusions(ctx: ServerContext = Depends(get_context)):
     return {"object": "list", "data": [fusion_object(f, ctx.model_name) for f in ctx.fusions.list()]}
 
 
-@router.get("/v1/fusions/{fusion_id}", dependencies=[Depends(require_api_key)])
-async def get_fusion(fusion_id: str, ctx: ServerContext = Depends(get_context)):
-    return fusion_object(_existing(ctx, fusion_id), ctx.model_name)
-
-
-@router.delete("/v1/fusions/{fusion_id}", dependencies=[Depends(require_admin_key)])
-async def delete_fusion(fusion_id: str, ctx: ServerContext = Depends(get_context)):
-    _existing(ctx, fusion_id)
-    await asyncio.to_thread(ctx.fusions.delete, fusion_id)
-    return {"id": fusion_id, "object": "fusion", "deleted": True}
-
-
-def _existing(ctx: ServerContext, fusion_id: str) -> Fusion:
+@router.get("/v1/fusions/{fusion_id}", dependencies=[Depends(require_api_key)], responses=error_responses(401, 404))
+def get_fusion(fusion_id: str, ctx: ServerContext = Depends(get_context)):
     fusion = ctx.fusions.get(fusion_id)
     if fusion is None:
-        raise APIError(404, f"No fusion '{fusion_id}'.", "id", "fusion_not_found")
-    return fusion
+        raise NotFound(f"No fusion '{fusion_id}'.", "id", "fusion_not_found")
+    return fusion_object(fusion, ctx.model_name)
+
+
+@router.delete(
+    "/v1/fusions/{fusion_id}", dependencies=[Depends(require_admin_key)], responses=error_responses(401, 404)
+)
+def delete_fusion(fusion_id: str, ctx: ServerContext = Depends(get_context)):
+    ctx.delete_fusion(fusion_id)
+    return {"id": fusion_id, "object": "fusion", "deleted": True}
 
 
 async def _read_body(request: Request) -> tuple[FusionRequest, bytes | None]:
@@ -99,63 +116,46 @@ async def _read_body(request: Request) -> tuple[FusionRequest, bytes | None]:
             form = await request.form(max_part_size=MAX_ROUTER_BYTES)
             raw, upload = form.get("fusion"), form.get("router_weights")
             if not isinstance(raw, str):
-                raise APIError(400, "Send the fusion as JSON in the form field 'fusion'.", "fusion")
+                raise ClientError("Send the fusion as JSON in the form field 'fusion'.", "fusion")
             if upload is not None and not isinstance(upload, str):
                 router_weights = await upload.read(MAX_ROUTER_BYTES + 1)
                 if len(router_weights) > MAX_ROUTER_BYTES:
-                    raise APIError(413, f"router_weights is larger than {MAX_ROUTER_BYTES} bytes.", "router_weights")
+                    raise TooLarge(f"router_weights is larger than {MAX_ROUTER_BYTES} bytes.", "router_weights")
             data = json.loads(raw)
         else:
             data = json.loads(await request.body())
         return FusionRequest.model_validate(data), router_weights
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"The fusion is not valid JSON: {exc}", "fusion") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", param) from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past what a parser takes
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ClientError(f"{param}: {first['msg']}", param) from None
+        raise ClientError(f"The fusion is not valid JSON: {exc}", "fusion") from None
 
 
 def _create(ctx: ServerContext, fusion: Fusion, router_weights: bytes | None) -> Fusion:
     """Check the fusion against the store and the base model, then store it."""
-    try:
-        check_fusion(fusion)
-    except InvalidAdapterId as exc:
-        raise APIError(400, str(exc), "id", "invalid_fusion_id") from None
-    except ValueError as exc:  # check_fusion names the field first: "top_k: ..."
-        param = str(exc).split(":", 1)[0]
-        raise APIError(400, f"Invalid fusion: {exc}", param if param in FusionRequest.model_fields else None) from None
+    check_fusion(fusion)
     if fusion.id == ctx.model_name or ctx.store.get(fusion.id) is not None:
-        raise APIError(409, f"'{fusion.id}' is already the name of a model or adapter.", "id", "model_exists")
+        raise Conflict(f"'{fusion.id}' is already the name of a model or adapter.", "id", "model_exists")
     if ctx.fusions.get(fusion.id) is not None:
-        raise APIError(409, f"A fusion '{fusion.id}' exists; delete it first.", "id", "fusion_exists")
+        raise Conflict(f"A fusion '{fusion.id}' exists; delete it first.", "id", "fusion_exists")
     members = []
     for i, member in enumerate(fusion.members):
-        stored = ctx.store.get(member)
+        stored = ctx.store.hold(member)
         if stored is None:
-            raise APIError(400, f"Unknown member adapter '{member}'.", f"members.{i}", "adapter_not_found")
-        members.append(read_adapter(stored.path, ctx.lora_targets, ctx.max_lora_rank))
+            raise ClientError(f"Unknown member adapter '{member}'.", f"members.{i}", "adapter_not_found")
+        try:
+            members.append(ctx.read_adapter(stored.path))
+        finally:
+            ctx.store.release(stored.id, stored.version)
     bases = {a.base_model_name for a in members if a.base_model_name}
     if len(bases) > 1:
-        raise APIError(
-            400,
+        raise ClientError(
             f"The members were trained on different base models ({', '.join(sorted(bases))}); "
             "a fusion combines adapters of one base.",
             "members",
         )
-    if fusion.router == "learned":
-        if router_weights is None:
-            raise APIError(
-                400, "A learned router needs its gates: send 'router_weights' (multipart).", "router_weights"
-            )
-        try:
-            tensors = safetensors.torch.load(router_weights)
-            check_learned_router(tensors, members, ctx.lora_targets)
-        except (SafetensorError, ValueError) as exc:
-            raise APIError(400, f"Invalid router_weights: {exc}", "router_weights") from None
-    elif router_weights is not None:
-        raise APIError(400, "Only a learned router takes 'router_weights'.", "router_weights")
-    try:
-        return ctx.fusions.put(fusion, router_weights)
-    except FileExistsError as exc:
-        raise APIError(409, str(exc), "id", "fusion_exists") from None
+    if fusion.router == "learned" and router_weights is not None:
+        check_learned_router(router_weights, members, ctx.lora_targets)
+    return ctx.fusions.put(fusion, router_weights)

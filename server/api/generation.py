@@ -1,4 +1,10 @@
-"""`/v1/chat/completions` and `/v1/completions`: prompt in, engine outputs out as OpenAI JSON or SSE."""
+"""`/v1/chat/completions` and `/v1/completions`: prompt in, engine outputs out as OpenAI JSON or SSE.
+
+Everything that may take long for a big request (resolving adapters, building a router,
+applying the chat template and tokenizing) runs on a worker thread, so the event loop that
+serves every other client never waits for it. A prompt longer than the context could hold
+even at the most characters a token can stand for is refused before it is tokenized.
+"""
 
 from __future__ import annotations
 
@@ -12,94 +18,100 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from plait.server.adapters.merge import MergeSpec
-from plait.server.api.context import Served, ServerContext, get_context, require_api_key
-from plait.server.api.errors import APIError, error_body
+from plait.server.api.context import ServerContext, get_context, require_api_key
+from plait.server.api.errors import error_body, error_response
 from plait.server.api.protocol import ChatCompletionRequest, CompletionRequest
-from plait.server.engine.adapter_slots import MergedKey
-from plait.server.engine.engine import EngineBusy, EngineUnavailable, RequestHandle
-from plait.server.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from plait.server.api.schema import error_responses
+from plait.server.api.served import Served, resolve
+from plait.server.engine import FinishReason, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
+from plait.server.errors import ClientError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+ERRORS = error_responses(400, 401, 404, 413, 429, 503)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
-    served = await asyncio.to_thread(_resolve, ctx, body)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    _refuse_surely_too_long(ctx, sum(len(m["content"]) for m in messages), "messages")
+    served = await asyncio.to_thread(resolve, ctx, body.model, body.adapters, body.combination)
     try:
-        prompt_ids = ctx.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    except Exception as exc:  # the template itself refuses some orders of roles
-        raise APIError(
-            400, f"The messages cannot be formatted with the model's chat template: {exc}", "messages"
-        ) from None
-    handle = _submit(ctx, prompt_ids, body, served)
+        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, ctx, messages)
+        handle = _submit(ctx, prompt_ids, body, served, "messages")
+    except BaseException:
+        served.release()
+        raise
     fmt = _ChatFormat(ctx, f"chatcmpl-{uuid.uuid4().hex}", served, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
-    served = await asyncio.to_thread(_resolve, ctx, body)
     prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
     if isinstance(prompt, str):
-        prompt_ids = ctx.tokenizer.encode(prompt)
-    else:
-        vocab = len(ctx.tokenizer)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise APIError(400, f"Token ids in 'prompt' must lie in [0, {vocab}).", "prompt")
-        prompt_ids = list(prompt)
-    if not prompt_ids:
-        raise APIError(400, "The prompt is empty.", "prompt")
-    handle = _submit(ctx, prompt_ids, body, served)
+        _refuse_surely_too_long(ctx, len(prompt), "prompt")
+    served = await asyncio.to_thread(resolve, ctx, body.model, body.adapters, body.combination)
+    try:
+        prompt_ids = await asyncio.to_thread(_completion_prompt_ids, ctx, prompt)
+        handle = _submit(ctx, prompt_ids, body, served, "prompt")
+    except BaseException:
+        served.release()
+        raise
     fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", served, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
 
 
-def _resolve(ctx: ServerContext, body: ChatCompletionRequest | CompletionRequest) -> Served:
-    """What the request runs: `model` names the base model, an adapter or a fusion; the
-    `adapters` extension instead lists several adapters with weights, combined as
-    `combination` says: by default the weighted sum of their deltas, applied as they are;
-    TIES and DARE as one adapter merged from them. Runs off the event loop: the first
-    request for a routed fusion reads its members to build the router."""
-    if body.adapters is None:
-        if body.combination is not None:
-            raise APIError(400, "'combination' needs 'adapters' to combine.", "combination")
-        return ctx.resolve_model(body.model)
-    if body.model not in (None, ctx.model_name):
-        raise APIError(400, "With 'adapters', 'model' must be the base model or left out.", "model")
-    ids = [a.id for a in body.adapters]
-    if len(set(ids)) != len(ids):
-        raise APIError(400, "Each adapter may appear once in 'adapters'.", "adapters")
-    pairs = tuple((ctx.adapter_key(a.id, f"adapters.{i}.id"), a.weight) for i, a in enumerate(body.adapters))
-    how = body.combination
-    if how is None or how.method in ("linear", "cat"):
-        return Served(ctx.model_name, pairs)
-    if how.rank is not None and how.rank > ctx.max_lora_rank:
-        raise APIError(
-            400,
-            f"combination.rank {how.rank} is above this server's --max-lora-rank {ctx.max_lora_rank}.",
-            "combination.rank",
+def _refuse_surely_too_long(ctx: ServerContext, num_chars: int, param: str) -> None:
+    limit = ctx.engine.max_model_len
+    if num_chars > limit * ctx.max_token_chars:
+        raise ClientError(
+            f"The prompt is {num_chars} characters, more than this model's context length of {limit} tokens can hold.",
+            param,
+            "context_length_exceeded",
         )
-    spec = MergeSpec(how.method, how.density, how.majority_sign_method, how.rank, how.seed)
-    return Served(ctx.model_name, ((MergedKey(pairs, spec), 1.0),))
 
 
-def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, served: Served):
+def _chat_prompt_ids(ctx: ServerContext, messages: list[dict]) -> list[int]:
+    try:
+        return ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # the template itself refuses some orders of roles
+        raise ClientError(
+            f"The messages cannot be formatted with the model's chat template: {exc}", "messages"
+        ) from None
+
+
+def _completion_prompt_ids(ctx: ServerContext, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        prompt_ids = ctx.tokenizer.encode(prompt)
+    else:
+        vocab = len(ctx.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ClientError(f"Token ids in 'prompt' must lie in [0, {vocab}).", "prompt")
+        prompt_ids = list(prompt)
+    if not prompt_ids:
+        raise ClientError("The prompt is empty.", "prompt")
+    return prompt_ids
+
+
+def _submit(
+    ctx: ServerContext,
+    prompt_ids: list[int],
+    body: ChatCompletionRequest | CompletionRequest,
+    served: Served,
+    prompt_param: str,
+) -> RequestHandle:
+    """Hand the request to the engine, which releases `served` when the request ends."""
     limit = ctx.engine.max_model_len
     room = limit - len(prompt_ids)
     if room < 1:
-        raise APIError(
-            400,
+        raise ClientError(
             f"The prompt is {len(prompt_ids)} tokens; this model's context length is {limit} "
             "tokens, with at least one left to generate.",
-            "messages",
+            prompt_param,
             "context_length_exceeded",
         )
     max_tokens = body.token_limit
@@ -107,8 +119,7 @@ def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionReque
         max_tokens = min(ctx.default_max_tokens, room)
     elif max_tokens > room:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-        raise APIError(
-            400,
+        raise ClientError(
             f"max tokens is too large: {max_tokens}. The prompt is {len(prompt_ids)} tokens and "
             f"this model's context length is {limit} tokens.",
             param,
@@ -123,16 +134,14 @@ def _submit(ctx: ServerContext, prompt_ids: list[int], body: ChatCompletionReque
         top_logprobs=body.logprobs_wanted,
         ignore_eos=body.ignore_eos,
     )
-    try:
-        return ctx.engine.submit(
-            prompt_ids, params, streaming=body.stream, adapters=served.adapters, router=served.router
-        )
-    except EngineBusy as exc:
-        raise APIError(429, str(exc), code="rate_limit_exceeded") from None
-    except EngineUnavailable as exc:
-        raise APIError(503, str(exc), code="unavailable") from None
-    except ValueError as exc:  # more adapters than device slots, and the like
-        raise APIError(400, str(exc), "adapters") from None
+    return ctx.engine.submit(
+        prompt_ids,
+        params,
+        streaming=body.stream,
+        adapters=served.adapters,
+        router=served.router,
+        on_finish=served.release,
+    )
 
 
 async def _collect(handle: RequestHandle, request: Request, fmt: _Format) -> JSONResponse:
@@ -157,9 +166,7 @@ async def _collect(handle: RequestHandle, request: Request, fmt: _Format) -> JSO
         handle.close()  # aborts in the engine, even if the collector never got to start
         return JSONResponse({}, status_code=499)
     outputs = collector.result()
-    final = outputs[-1]
-    _raise_if_failed(final)
-    return JSONResponse(fmt.full(outputs))
+    return _failure(outputs[-1]) or JSONResponse(fmt.full(outputs))
 
 
 def _sse(handle: RequestHandle, request: Request, fmt: _Format, include_usage: bool) -> StreamingResponse:
@@ -187,11 +194,13 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _raise_if_failed(final: RequestOutput) -> None:
+def _failure(final: RequestOutput) -> JSONResponse | None:
+    """The error answer for a request that did not finish, or None when it did."""
     if final.finish_reason is FinishReason.ABORT:
-        raise APIError(503, final.error or "The request was aborted.", code="unavailable")
-    if final.finish_reason is FinishReason.ERROR:
-        raise APIError(500, "The server failed while generating.", code="generation_failed")
+        return error_response(503, final.error or "The request was aborted.", code="unavailable")
+    if final.finish_reason is FinishReason.ERROR:  # our fault, not the client's
+        return error_response(500, "The server failed while generating.", code="generation_failed")
+    return None
 
 
 def _usage(out: RequestOutput) -> dict:

@@ -14,8 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_STOP_SEQUENCES = 4
 
 
+MAX_ADAPTER_WEIGHT = 100.0  # past this a weight no longer blends adapters; far past it, bf16 overflows
+INT64 = (-(2**63), 2**63 - 1)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Body):
@@ -36,7 +40,7 @@ class ChatMessage(_Body):
 
 class AdapterWeight(_Body):
     id: str
-    weight: float = 1.0
+    weight: Annotated[float, Field(ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)] = 1.0
 
 
 class Combination(_Body):
@@ -49,7 +53,7 @@ class Combination(_Body):
     density: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     majority_sign_method: Literal["total", "frequency"] = "total"
     rank: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 0
+    seed: Annotated[int, Field(ge=INT64[0], le=INT64[1])] = 0
 
 
 class StreamOptions(_Body):
@@ -61,7 +65,7 @@ class _Sampling(_Body):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=INT64[0], le=INT64[1])] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -7,21 +7,26 @@ disk happens on a worker thread, so a request for a cold adapter waits without h
 requests for adapters already resident; the engine is woken when the read is done.
 
 Adapters are keyed by (id, version): a replaced adapter is a new key, so requests already
-running on the old weights finish on them while new requests load the new ones. A TIES or
-DARE combination of adapters is a key of its own (`MergedKey`): merged on the reader thread
-the first time it is asked for, then cached and evicted like any adapter.
+running on the old weights finish on them while new requests load the new ones. A merged
+combination of adapters (TIES, DARE) is a key of its own (`MergedKey`): its members are read
+and handed to the `merge` function on the reader thread the first time it is asked for, then
+it is cached and evicted like any adapter. What an adapter is and how adapters merge is not
+the engine's business: it only needs the `modules` of what `load` and `merge` return.
+
+Every method runs on the engine thread except `_read`, which runs on the reader thread and
+touches nothing here but the two functions it was given; its result comes back through a
+future that the engine thread collects.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, Protocol
 
-from plait.server.adapters.merge import MergeSpec, merge_adapters
 from plait.server.engine.lora import LoRALayers
 
 log = logging.getLogger("plait.adapters")
@@ -29,30 +34,40 @@ log = logging.getLogger("plait.adapters")
 
 @dataclass(frozen=True)
 class AdapterKey:
-    """One unchanging version of an adapter, and the folder its files are read from."""
+    """One unchanging version of an adapter."""
 
     adapter_id: str
     version: int
-    path: Path
 
     def superseded(self, adapter_id: str, keep_version: int | None) -> bool:
         """Whether this is a version of `adapter_id` other than `keep_version` (any, when None)."""
         return self.adapter_id == adapter_id and self.version != keep_version
 
 
+class MergeRecipe(Hashable, Protocol):
+    """How a `MergedKey`'s members combine; the engine hands it to `merge` as it is."""
+
+    method: str
+
+
 @dataclass(frozen=True)
 class MergedKey:
-    """Several adapters merged into one by TIES or DARE (see `plait.server.adapters.merge`)."""
+    """Several adapters merged into one, as `recipe` says (e.g. `plait.server.adapters.merge.MergeSpec`)."""
 
     members: tuple[tuple[AdapterKey, float], ...]
-    spec: MergeSpec
+    recipe: MergeRecipe
 
     @property
     def adapter_id(self) -> str:
-        return f"{self.spec.method}({','.join(key.adapter_id for key, _ in self.members)})"
+        return f"{self.recipe.method}({','.join(key.adapter_id for key, _ in self.members)})"
 
 
 SlotKey = AdapterKey | MergedKey
+# Reads one adapter version; returns an object whose `modules` maps module paths to weights
+# with `a`, `b` and `scale` (what `LoRALayers.load` takes).
+LoadAdapter = Callable[[AdapterKey], Any]
+# Builds one such adapter from (adapter, weight) pairs and a recipe.
+MergeAdapters = Callable[[Sequence[tuple[Any, float]], MergeRecipe], Any]
 
 
 class AdapterSlots:
@@ -60,13 +75,15 @@ class AdapterSlots:
         self,
         layers: LoRALayers,
         max_cpu_adapters: int,
-        load: Callable[[AdapterKey], object],
+        load: LoadAdapter,
         wake: Callable[[], None],
+        merge: MergeAdapters | None = None,
         on_event: Callable[[str, str], None] = lambda event, adapter_id: None,
     ):
         self.layers = layers
         self.max_cpu_adapters = max_cpu_adapters
         self._load = load
+        self._merge = merge
         self._wake = wake
         self._on_event = on_event  # ("load" | "evict", adapter id), for metrics
         self._slot_of: dict[SlotKey, int] = {}
@@ -138,8 +155,9 @@ class AdapterSlots:
 
     def _read(self, key: SlotKey):
         if isinstance(key, MergedKey):
-            members = [(self._load(member), weight) for member, weight in key.members]
-            return merge_adapters(members, key.spec, self.layers.modules)
+            if self._merge is None:
+                raise ValueError("this engine merges no adapters")
+            return self._merge([(self._load(member), weight) for member, weight in key.members], key.recipe)
         return self._load(key)
 
     def forget(self, adapter_id: str, keep_version: int | None = None) -> None:

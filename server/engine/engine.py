@@ -2,11 +2,19 @@
 
 The HTTP layer lives on an asyncio loop in another thread; the model runs in `Engine.run`,
 so a forward pass never blocks the HTTP side (torch releases the GIL while it computes).
-Requests and aborts come in through a queue read between steps; each request's outputs go
-back to its own asyncio queue on the caller's loop.
+Callers talk to the engine only through its inbox, a queue of typed messages read between
+steps (`submit`, `abort`, `forget_adapter`, `shutdown` put them there); each request's
+outputs go back to its own asyncio queue on the caller's loop. Everything else here is
+touched by the engine thread alone, except the count of unfinished requests (under a lock)
+and the accepting/stopping flags (single writes the loop reads).
 
 `run` belongs on the process's main thread: with torch's OpenMP pool driven from any
 other thread, a decode step on 2 CPU cores took 3x as long (measured: 88 ms against 28 ms).
+
+A request that goes wrong (its forward pass raises, its logits are not finite, its adapter
+cannot be read) finishes alone with an error. Should the loop itself ever raise, every
+request in flight finishes with an error, `failure` says why, the engine stops accepting
+work, and `run` raises, so the process can exit and be restarted.
 """
 
 from __future__ import annotations
@@ -24,18 +32,21 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.server.engine.adapter_slots import AdapterKey, AdapterSlots, SlotKey
+from plait.server.engine.adapter_slots import AdapterSlots, LoadAdapter, MergeAdapters, SlotKey
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
 from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
-from plait.server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from plait.server.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from plait.server.engine.routing import Router
 from plait.server.engine.sampler import sample
 from plait.server.engine.scheduler import Scheduler
+from plait.server.errors import ClientError
 from plait.server.metrics import Metrics
 
 log = logging.getLogger("plait.engine")
+
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -53,18 +64,25 @@ class LoRAConfig:
     """How the engine serves adapters: device slots, CPU cache, and where adapters come from."""
 
     targets: dict[str, tuple[int, int]]  # module path -> (in, out) of every LoRA-capable linear layer
-    load: Callable[[AdapterKey], object]  # reads an adapter (with .modules) from the store
+    load: LoadAdapter  # reads one adapter version (an object with .modules)
+    merge: MergeAdapters | None = None  # builds a MergedKey's adapter from its members'
     max_device_adapters: int = 8
     max_cpu_adapters: int = 32
     max_rank: int = 64
 
 
-class EngineBusy(Exception):
-    """The admission queue is full: the client should retry later (429)."""
+class EngineBusy(ClientError):
+    """The admission queue is full: the client should retry later."""
+
+    status = 429
+    code = "rate_limit_exceeded"
 
 
-class EngineUnavailable(Exception):
-    """The engine is not taking requests: starting, draining or stopped (503)."""
+class EngineUnavailable(ClientError):
+    """The engine is not taking requests: starting, draining, stopped or failed."""
+
+    status = 503
+    code = "unavailable"
 
 
 class _Stream:
@@ -75,13 +93,20 @@ class _Stream:
     """
 
     def __init__(
-        self, request: Request, detokenizer: IncrementalDetokenizer, loop, outputs: asyncio.Queue, streaming: bool
+        self,
+        request: Request,
+        detokenizer: IncrementalDetokenizer,
+        loop: asyncio.AbstractEventLoop,
+        outputs: asyncio.Queue,
+        streaming: bool,
+        on_finish: Callable[[], None] | None,
     ):
         self.request = request
         self.detokenizer = detokenizer
         self.loop = loop
         self.outputs = outputs
         self.streaming = streaming
+        self.on_finish = on_finish
         self.held: list[RequestOutput] = []
 
     def emit(self, output: RequestOutput) -> None:
@@ -93,6 +118,33 @@ class _Stream:
         # A closed loop means the caller is gone and nobody is listening.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+
+
+# --- the inbox: what other threads tell the engine ---
+
+
+@dataclass(frozen=True)
+class _Add:
+    stream: _Stream
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Forget:
+    adapter_id: str
+    keep_version: int | None
+
+
+@dataclass(frozen=True)
+class _Wake:
+    """Nothing to do but look again: an adapter finished loading, or the engine is stopping."""
+
+
+_Message = _Add | _Abort | _Forget | _Wake
 
 
 class Engine:
@@ -131,7 +183,8 @@ class Engine:
                 layers,
                 lora.max_cpu_adapters,
                 lora.load,
-                wake=lambda: self._inbox.put(("wake", None)),
+                wake=lambda: self._inbox.put(_Wake()),
+                merge=lora.merge,
                 on_event=self._adapter_event,
             )
         self.runner = ModelRunner(model, self.kv_cache, device, layers)
@@ -141,18 +194,27 @@ class Engine:
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.metrics.kv_blocks_total.set(num_blocks)
 
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._unfinished = 0
         self._accepting = False
         self._stopping = False
         self._ids = itertools.count()
+        self.failure: str | None = None  # why the loop stopped, if it failed
 
     def run(self) -> None:
-        """Serve requests on the calling thread until `shutdown`."""
+        """Serve requests on the calling thread until `shutdown`; raises if the loop itself fails."""
         self._accepting = not self._stopping
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as exc:
+            self._accepting = False
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("the engine failed; every request in flight ends with an error", exc_info=True)
+            for stream in list(self._streams.values()):
+                self._abandon(stream, f"the engine failed ({self.failure})")
+            raise
 
     # --- the caller's side (the asyncio loop) ---
 
@@ -171,34 +233,37 @@ class Engine:
         streaming: bool = False,
         adapters: tuple[tuple[SlotKey, float], ...] = (),
         router: Router | None = None,
+        on_finish: Callable[[], None] | None = None,
     ) -> RequestHandle:
-        """Queue a request. Raises EngineBusy past the waiting bound, EngineUnavailable when closed.
+        """Queue a request. Raises ClientError (EngineBusy past the waiting bound, EngineUnavailable
+        when closed) and then never calls `on_finish`; otherwise `on_finish` runs on the engine
+        thread once the request has ended, however it ends.
 
         `adapters` are the (adapter, weight) pairs whose deltas the request's tokens get; none
         means the bare base model. A `router` (a fusion's) sets those weights per token and
         layer instead, and the final output reports its average weight per adapter. A
         streaming request's handle yields an output per step; any other's, the whole at the end.
         """
+        if router is not None and not adapters:
+            raise ValueError("a router needs the adapters it routes among")
         if adapters and self.adapter_slots is None:
-            raise ValueError("this server was started without adapter support")
-        if len(adapters) > (self.adapter_slots.num_slots if self.adapter_slots else 0):
-            raise ValueError(f"a request may combine at most {self.adapter_slots.num_slots} adapters")
+            raise ClientError("This server was started without adapter support.", "adapters")
+        num_slots = self.adapter_slots.num_slots if self.adapter_slots else 0
+        if len(adapters) > num_slots:
+            raise ClientError(f"A request may combine at most {num_slots} adapters.", "adapters")
         if not self._accepting:
-            raise EngineUnavailable("the server is not accepting requests (starting up or shutting down)")
+            raise EngineUnavailable("The server is not accepting requests (starting up or shutting down).")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise ClientError(
                 f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max tokens "
-                f"exceed the context length {self.max_model_len}"
+                f"exceed the context length {self.max_model_len}.",
+                "max_tokens",
+                "context_length_exceeded",
             )
-        with self._lock:
-            if self._unfinished - len(self.scheduler.running) >= self.config.max_waiting:
-                self.metrics.rejected.inc()
-                raise EngineBusy(f"Too many requests are waiting (limit {self.config.max_waiting}); retry later.")
-            self._unfinished += 1
+        if params.seed is not None and not _SEED_RANGE[0] <= params.seed <= _SEED_RANGE[1]:
+            raise ClientError(f"seed must be from {_SEED_RANGE[0]} to {_SEED_RANGE[1]}.", "seed", "invalid_value")
         request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params, adapters=adapters)
         if router is not None:
-            if not adapters:
-                raise ValueError("a router needs the adapters it routes among")
             request.router, request.routed = router, torch.zeros(len(adapters))
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -206,33 +271,40 @@ class Engine:
             request.generator = torch.Generator(device=self.device)
             request.generator.seed()
         outputs: asyncio.Queue = asyncio.Queue()
-        stream = _Stream(
-            request, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.get_running_loop(), outputs, streaming
-        )
-        self._inbox.put(("add", stream))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+        stream = _Stream(request, detokenizer, asyncio.get_running_loop(), outputs, streaming, on_finish)
+        with self._lock:  # counted last: nothing after this can refuse the request
+            if self._unfinished - len(self.scheduler.running) >= self.config.max_waiting:
+                self.metrics.rejected.inc()
+                raise EngineBusy(f"Too many requests are waiting (limit {self.config.max_waiting}); retry later.")
+            self._unfinished += 1
+        self._inbox.put(_Add(stream))
         return RequestHandle(self, request.request_id, outputs)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(_Abort(request_id))
 
     def forget_adapter(self, adapter_id: str, keep_version: int | None = None) -> None:
         """Free the memory an adapter's deleted or replaced versions hold (see `AdapterSlots.forget`)."""
-        self._inbox.put(("forget", (adapter_id, keep_version)))
+        self._inbox.put(_Forget(adapter_id, keep_version))
 
     def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish (up to a limit), then end `run`."""
         self._accepting = False
         deadline = time.monotonic() + drain_seconds
-        while self._unfinished and time.monotonic() < deadline:
+        while self._unfinished and time.monotonic() < deadline and self.failure is None:
             time.sleep(0.05)
         self._stopping = True
-        self._inbox.put(("wake", None))
+        self._inbox.put(_Wake())
 
     # --- the engine's side ---
 
     def _loop(self) -> None:
+        # Block on the inbox only when the last step ran nothing: then no step can run until a
+        # message arrives (a request, an abort, an adapter read finishing, a stop).
+        idle = True
         while not self._stopping:
-            self._read_inbox(block=not self.scheduler.has_work())
+            self._read_inbox(block=idle)
             if self._stopping:
                 break
             preempted_before = self.scheduler.num_preemptions
@@ -240,29 +312,34 @@ class Engine:
             self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted_before)
             if chunks:
                 self._step(chunks)
+            idle = not chunks
             self._update_gauges()
         for stream in list(self._streams.values()):
             self._finish(stream, FinishReason.ABORT, error="the server shut down")
 
     def _read_inbox(self, block: bool) -> None:
         try:
-            msg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             while True:
-                self._handle(*msg)
-                msg = self._inbox.get_nowait()
+                self._handle(message)
+                message = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def _handle(self, kind: str, payload) -> None:
-        if kind == "add":
-            self._streams[payload.request.request_id] = payload
-            self.scheduler.add(payload.request)
-        elif kind == "abort":
-            stream = self._streams.get(payload)
-            if stream is not None:
-                self._finish(stream, FinishReason.ABORT)
-        elif kind == "forget" and self.adapter_slots is not None:
-            self.adapter_slots.forget(*payload)
+    def _handle(self, message: _Message) -> None:
+        match message:
+            case _Add(stream):
+                self._streams[stream.request.request_id] = stream
+                self.scheduler.add(stream.request)
+            case _Abort(request_id):
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    self._finish(stream, FinishReason.ABORT)
+            case _Forget(adapter_id, keep_version):
+                if self.adapter_slots is not None:
+                    self.adapter_slots.forget(adapter_id, keep_version)
+            case _Wake():
+                pass
 
     def _step(self, chunks: list[ScheduledChunk]) -> None:
         self.metrics.batch_tokens.observe(sum(c.num_new for c in chunks))
@@ -273,15 +350,17 @@ class Engine:
             for c in chunks:
                 self._finish(self._streams[c.request.request_id], FinishReason.ERROR, error=str(exc))
             return
-        sampling = []
         for c in chunks:
             c.request.num_computed = c.stop
-            if c.samples:
-                sampling.append(c.request)
-        for req, token in zip(sampling, sample(logits, sampling), strict=True):
-            self._accept_token(self._streams[req.request_id], token)
+        for c, row in zip([c for c in chunks if c.samples], logits, strict=True):
+            stream = self._streams[c.request.request_id]
+            try:
+                self._accept_token(stream, sample(row, c.request))
+            except Exception as exc:  # this request's sampling or stop check failed: it ends alone
+                log.warning("request %s failed: %s", c.request.request_id, exc)
+                self._finish(stream, FinishReason.ERROR, error=str(exc))
 
-    def _accept_token(self, stream: _Stream, token) -> None:
+    def _accept_token(self, stream: _Stream, token: TokenLogprob) -> None:
         req = stream.request
         now = time.monotonic()
         if req.first_token_at is None:
@@ -311,9 +390,6 @@ class Engine:
         req = stream.request
         req.finish_reason = reason
         self.scheduler.remove(req)
-        del self._streams[req.request_id]
-        with self._lock:
-            self._unfinished -= 1
         self.metrics.requests.labels(reason.value).inc()
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         if req.first_token_at is not None:
@@ -321,18 +397,34 @@ class Engine:
             self.metrics.request_latency.observe(now - req.arrival)
             if len(req.output_ids) > 1:
                 self.metrics.time_per_output_token.observe((now - req.first_token_at) / (len(req.output_ids) - 1))
-        stream.emit(
-            RequestOutput(
-                text,
-                tuple(token_ids),
-                tuple(logprobs),
-                reason,
-                len(req.prompt_ids),
-                len(req.output_ids),
-                error,
-                req.routing,
-            )
+        output = RequestOutput(
+            text,
+            tuple(token_ids),
+            tuple(logprobs),
+            reason,
+            len(req.prompt_ids),
+            len(req.output_ids),
+            error,
+            req.routing,
         )
+        self._close(stream, output)
+
+    def _abandon(self, stream: _Stream, error: str) -> None:
+        """End a request without touching the scheduler, whose state may be what failed."""
+        stream.request.finish_reason = FinishReason.ERROR
+        output = RequestOutput("", (), (), FinishReason.ERROR, len(stream.request.prompt_ids), 0, error)
+        self._close(stream, output)
+
+    def _close(self, stream: _Stream, output: RequestOutput) -> None:
+        del self._streams[stream.request.request_id]
+        with self._lock:
+            self._unfinished -= 1
+        stream.emit(output)
+        if stream.on_finish is not None:
+            try:
+                stream.on_finish()
+            except Exception:
+                log.exception("request %s: on_finish failed", stream.request.request_id)
 
     def _acquire_adapters(self, req: Request) -> bool:
         """Pin device slots for all of a request's adapters, or none of them."""

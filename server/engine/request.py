@@ -11,6 +11,10 @@ import torch
 from plait.kernels import SlotSpec
 from plait.server.engine.routing import Router
 
+# Below this temperature, sampling is greedy: dividing logits by a smaller one overflows
+# float32 (vLLM draws the same line).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class FinishReason(StrEnum):

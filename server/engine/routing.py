@@ -1,104 +1,19 @@
-"""Routers: per token and per LoRA layer, how much of each fusion member's delta to add.
+"""What the engine asks of a fusion's router: per token and per LoRA layer, a weight for each member.
 
-A router holds, for every module some member adapts, one gate row per member over the
-module's input features. A token's scores are its input projected on those rows; the
-`top_k` best members get softmax(score / temperature) and the rest 0. Members that do not
-adapt a module take no part in routing there.
-
-- `arrow` (Ostapenko et al. 2024): the row of member i is the top right singular vector of
-  its ΔWᵢ = Bᵢ·Aᵢ at that module, and the score is |x·row| (a singular vector's sign is
-  arbitrary). Training-free, computed from the adapters themselves, as PEFT's Arrow does.
-- `learned`: rows and a bias trained by `plait train-router` to tell the members' data
-  apart (in the spirit of AdapterFusion and X-LoRA); the score is x·row + bias.
-
-The fixed-weights router needs none of this: its weights are the same for every token and
-ride in the segment metadata as weighted slots.
+Routers are built elsewhere (`plait.server.adapters.routers` makes them from fusion records
+and adapters); the engine only applies the one a request was submitted with, between the
+kernels' shrink and expand (see `plait.server.engine.lora.RoutedRows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
-import safetensors.torch
 import torch
 
-from plait.server.adapters.format import LoRAAdapter, LoRAWeights
 
-
-@dataclass(frozen=True)
-class Gate:
-    rows: torch.Tensor  # float32 [members, in_features]
-    bias: torch.Tensor | None  # float32 [members], learned routers only
-    present: torch.Tensor  # bool [members]: which members adapt this module
-
-
-class Router:
-    def __init__(self, kind: str, gates: Mapping[str, Gate], top_k: int, temperature: float = 1.0):
-        self.kind = kind
-        self.gates = dict(gates)
-        self.top_k = top_k
-        self.temperature = temperature
-
-    def to(self, device: torch.device) -> Router:
-        moved = {
-            path: Gate(g.rows.to(device), None if g.bias is None else g.bias.to(device), g.present.to(device))
-            for path, g in self.gates.items()
-        }
-        return Router(self.kind, moved, self.top_k, self.temperature)
-
+class Router(Protocol):
     def weights(self, path: str, x: torch.Tensor) -> torch.Tensor | None:
-        """float32 [tokens, members] routing weights of the rows of `x` at module `path`
-        (None where no member adapts it); each row sums to 1 over its top-k members."""
-        gate = self.gates.get(path)
-        if gate is None:
-            return None
-        scores = x.float() @ gate.rows.t()
-        scores = scores.abs() if gate.bias is None else scores + gate.bias
-        scores = scores.masked_fill(~gate.present, float("-inf"))
-        k = min(self.top_k, int(gate.present.sum()))
-        top, members = scores.topk(k, dim=1)
-        return torch.zeros_like(scores).scatter_(1, members, torch.softmax(top / self.temperature, dim=1))
-
-
-def arrow_router(members: Sequence[LoRAAdapter], top_k: int, temperature: float = 1.0) -> Router:
-    """Arrow's prototypes, computed from the members' weights."""
-    paths = dict.fromkeys(path for adapter in members for path in adapter.modules)
-    gates = {}
-    for path in paths:
-        weights = [adapter.modules.get(path) for adapter in members]
-        width = next(w.a.shape[1] for w in weights if w is not None)
-        rows = torch.stack([_top_direction(w) if w is not None else torch.zeros(width) for w in weights])
-        gates[path] = Gate(rows, None, torch.tensor([w is not None for w in weights]))
-    return Router("arrow", gates, top_k, temperature)
-
-
-def _top_direction(w: LoRAWeights) -> torch.Tensor:
-    """Top right singular vector of B·A, without forming it: B = QR, so B·A = Q·(R·A)."""
-    _, r = torch.linalg.qr(w.b.double())
-    return torch.linalg.svd(r @ w.a.double(), full_matrices=False).Vh[0].float()
-
-
-def read_learned_router(path: Path, members: Sequence[LoRAAdapter], top_k: int, temperature: float = 1.0) -> Router:
-    """A learned router's gates (`<module>.weight` [members, in], `<module>.bias` [members])."""
-    tensors = safetensors.torch.load_file(path)
-    gates = {}
-    for module in dict.fromkeys(p for adapter in members for p in adapter.modules):
-        present = torch.tensor([module in adapter.modules for adapter in members])
-        gates[module] = Gate(tensors[f"{module}.weight"].float(), tensors[f"{module}.bias"].float(), present)
-    return Router("learned", gates, top_k, temperature)
-
-
-def check_learned_router(
-    tensors: Mapping[str, torch.Tensor], members: Sequence[LoRAAdapter], targets: Mapping[str, tuple[int, int]]
-) -> None:
-    """Raise ValueError naming the tensor when a learned router does not fit these members."""
-    for module in dict.fromkeys(p for adapter in members for p in adapter.modules):
-        in_features = targets[module][0]
-        for name, shape in ((f"{module}.weight", (len(members), in_features)), (f"{module}.bias", (len(members),))):
-            t = tensors.get(name)
-            if t is None:
-                raise ValueError(f"router_weights: no tensor {name!r}; every module a member adapts needs a gate")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"router_weights: {name!r} is {tuple(t.shape)}, expected {shape}")
+        """float32 [tokens, members] weights for the rows of `x` at module `path`, each row summing
+        to 1; None where no member adapts that module."""
+        ...

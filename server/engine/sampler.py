@@ -1,7 +1,9 @@
 """Picking the next token from a row of logits: greedy, or temperature with nucleus (top-p).
 
 Logprobs are reported under the model's own distribution (before temperature and top-p),
-as OpenAI does, so they mean the same whatever the sampling settings.
+as OpenAI does, so they mean the same whatever the sampling settings. A row that is not
+finite (an adapter with huge weights can overflow the activations) is refused with
+`NonFiniteLogits` rather than sampled, so the engine fails that request alone.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ import torch
 from plait.server.engine.request import Request, SamplingParams, TokenLogprob
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[TokenLogprob]:
-    """One token for each request, from its row of `logits` ([N, vocab], float32)."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    picked = [_pick(logits[i], r.params, r.generator) for i, r in enumerate(requests)]
-    result = []
-    for i, (token, r) in enumerate(zip(picked, requests, strict=True)):
-        top: tuple[tuple[int, float], ...] = ()
-        if r.params.top_logprobs:
-            values, ids = logprobs[i].topk(r.params.top_logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        result.append(TokenLogprob(token, float(logprobs[i, token]), top))
-    return result
+class NonFiniteLogits(ValueError):
+    pass
+
+
+def sample(row: torch.Tensor, request: Request) -> TokenLogprob:
+    """One token for `request` from its row of logits ([vocab], float32)."""
+    if not bool(torch.isfinite(row).all()):
+        raise NonFiniteLogits("the model's output for this request is not finite (NaN or infinity)")
+    params = request.params
+    logprobs = torch.log_softmax(row, dim=-1)
+    token = _pick(row, params, request.generator)
+    top: tuple[tuple[int, float], ...] = ()
+    if params.top_logprobs:
+        values, ids = logprobs.topk(params.top_logprobs)
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), top)
 
 
 def _pick(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -1,25 +1,91 @@
 """Fine-tuning records: files, jobs, job events and checkpoints in one embedded SQLite database.
 
 The database is `<data dir>/fine_tuning.sqlite3`, beside the adapter store. Rows hold what the
-API shows; file contents live on disk (`plait.server.fine_tuning.files`). Every table has an
-`id` (what clients see) and an increasing `seq` that orders it, which is also the cursor behind
-`after` in the list routes. One connection is shared by the server's threads under a lock; each
-statement commits on its own (WAL journal, full sync), so a crash loses at most the statement
-in flight.
+API shows and come back as the dataclasses below; file contents live on disk
+(`plait.server.fine_tuning.files`). Every table has an `id` (what clients see) and an
+increasing `seq` that orders it, which is also the cursor behind `after` in the list routes.
+One connection is shared by the server's threads under a lock; each statement commits on its
+own (WAL journal, full sync), so a crash loses at most the statement in flight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import sqlite3
 import string
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from plait.server.errors import ClientError
 
 DATABASE_FILE = "fine_tuning.sqlite3"
 _ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    table: ClassVar[str] = "files"
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    examples: int | None  # None for files the server made itself
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    table: ClassVar[str] = "jobs"
+    id: str
+    created_at: int
+    status: str  # queued, running, succeeded, failed, cancelled
+    model: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any]  # every one resolved (see `hyperparameters.Hyperparameters`)
+    suffix: str | None
+    seed: int
+    metadata: dict[str, str] | None
+    train_examples: int
+    fine_tuned_model: str | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    trained_tokens: int | None = None
+    error: dict[str, Any] | None = None  # {"code", "message", "param"}
+    result_files: list[str] = field(default_factory=list)
+    pid: int | None = None  # the trainer's, while it runs
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    table: ClassVar[str] = "events"
+    id: str
+    job_id: str
+    created_at: int
+    level: str  # info, warn, error
+    message: str
+    type: str  # message, or metrics when `data` holds a step's numbers
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    table: ClassVar[str] = "checkpoints"
+    id: str
+    job_id: str
+    created_at: int
+    step_number: int
+    fine_tuned_model_checkpoint: str
+    metrics: dict[str, float]
+
+
+Record = FileRecord | JobRecord | EventRecord | CheckpointRecord
+R = TypeVar("R", FileRecord, JobRecord, EventRecord, CheckpointRecord)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -78,11 +144,6 @@ CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 
 # Columns stored as JSON text.
 _JSON = frozenset({"hyperparameters", "metadata", "error", "result_files", "data", "metrics"})
-_TABLES = frozenset({"files", "jobs", "events", "checkpoints"})
-
-
-class UnknownCursor(ValueError):
-    """`after` names no row of the list being paged."""
 
 
 def new_id(prefix: str) -> str:
@@ -105,87 +166,73 @@ class Records:
         with self._lock:
             self._db.close()
 
-    # --- generic --------------------------------------------------------------------------------
-
-    def insert(self, table: str, row: dict) -> dict:
-        assert table in _TABLES
+    def insert(self, record: Record) -> None:
+        row = dataclasses.asdict(record)
         columns = list(row)
         values = [_encode(c, row[c]) for c in columns]
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        sql = f"INSERT INTO {record.table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         with self._lock:
             self._db.execute(sql, values)
-        return row
 
-    def get(self, table: str, row_id: str) -> dict | None:
-        assert table in _TABLES
+    def get(self, kind: type[R], row_id: str) -> R | None:
         with self._lock:
-            found = self._db.execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,)).fetchone()
-        return _decode(found) if found else None
+            found = self._db.execute(f"SELECT * FROM {kind.table} WHERE id = ?", (row_id,)).fetchone()
+        return _decode(kind, found) if found else None
 
-    def update(self, table: str, row_id: str, **fields) -> None:
-        assert table in _TABLES and fields
+    def update(self, kind: type[Record], row_id: str, **fields) -> None:
+        names = {f.name for f in dataclasses.fields(kind)}
+        assert fields and set(fields) <= names, sorted(set(fields) - names)
         assignments = ", ".join(f"{c} = ?" for c in fields)
         with self._lock:
             self._db.execute(
-                f"UPDATE {table} SET {assignments} WHERE id = ?", [*(_encode(c, v) for c, v in fields.items()), row_id]
+                f"UPDATE {kind.table} SET {assignments} WHERE id = ?",
+                [*(_encode(c, v) for c, v in fields.items()), row_id],
             )
 
-    def delete(self, table: str, row_id: str) -> bool:
-        assert table in _TABLES
+    def delete(self, kind: type[Record], row_id: str) -> bool:
         with self._lock:
-            return self._db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,)).rowcount > 0
+            return self._db.execute(f"DELETE FROM {kind.table} WHERE id = ?", (row_id,)).rowcount > 0
 
     def page(
         self,
-        table: str,
+        kind: type[R],
         *,
         where: dict | None = None,
         after: str | None = None,
         limit: int = 20,
         newest_first: bool = True,
-    ) -> tuple[list[dict], bool]:
-        """Up to `limit` rows matching `where` (column = value) past the row `after`, and whether more follow."""
-        assert table in _TABLES
+    ) -> tuple[list[R], bool]:
+        """Up to `limit` rows matching `where` (column = value) past the row `after`, and whether more
+        follow. An `after` that names no row of this list is a ClientError."""
         where = dict(where or {})
         clauses = [f"{column} = ?" for column in where]
         params = list(where.values())
         with self._lock:
             if after is not None:
-                cursor = self._db.execute(f"SELECT seq FROM {table} WHERE id = ?", (after,)).fetchone()
+                cursor = self._db.execute(f"SELECT seq FROM {kind.table} WHERE id = ?", (after,)).fetchone()
                 if cursor is None:
-                    raise UnknownCursor(after)
+                    raise ClientError(f"Invalid 'after': no '{after}' in this list.", "after", "invalid_value")
                 clauses.append("seq < ?" if newest_first else "seq > ?")
                 params.append(cursor["seq"])
-            sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+            sql = f"SELECT * FROM {kind.table}" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
             sql += f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
             rows = self._db.execute(sql, [*params, limit + 1]).fetchall()
-        return [_decode(r) for r in rows[:limit]], len(rows) > limit
+        return [_decode(kind, r) for r in rows[:limit]], len(rows) > limit
 
-    def all(self, table: str, **where) -> list[dict]:
+    def all(self, kind: type[R], **where) -> list[R]:
         """Every row matching `where`, oldest first."""
-        rows, _ = self.page(table, where=where, limit=1 << 62, newest_first=False)
+        rows, _ = self.page(kind, where=where, limit=1 << 62, newest_first=False)
         return rows
 
-    # --- events ---------------------------------------------------------------------------------
-
     def add_event(self, job_id: str, message: str, level: str = "info", data: dict | None = None) -> None:
-        self.insert(
-            "events",
-            {
-                "id": new_id("ftevent"),
-                "job_id": job_id,
-                "created_at": int(time.time()),
-                "level": level,
-                "message": message,
-                "type": "metrics" if data else "message",
-                "data": data,
-            },
-        )
+        event_type = "metrics" if data else "message"
+        self.insert(EventRecord(new_id("ftevent"), job_id, int(time.time()), level, message, event_type, data))
 
 
 def _encode(column: str, value: object) -> object:
     return json.dumps(value) if column in _JSON and value is not None else value
 
 
-def _decode(row: sqlite3.Row) -> dict:
-    return {k: (json.loads(v) if k in _JSON and v is not None else v) for k, v in dict(row).items()}
+def _decode(kind: type[R], row: sqlite3.Row) -> R:
+    fields = {k: (json.loads(v) if k in _JSON and v is not None else v) for k, v in dict(row).items() if k != "seq"}
+    return kind(**fields)

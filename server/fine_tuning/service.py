@@ -6,7 +6,8 @@ Layout:
     <data dir>/files/<file id>       uploaded training files (and jobs' result files)
     <data dir>/jobs/<job id>/        a job's work folder: train.log, events.jsonl, training_report.json
 
-The adapter store (`<data dir>/adapters/`) is the server's own; jobs publish into it.
+The adapter store (`<data dir>/adapters/`) is the server's own; jobs publish into it through
+the `publish` function they are given.
 """
 
 from __future__ import annotations
@@ -31,15 +32,19 @@ class FineTuning:
         cls,
         data_dir: Path,
         setup: TrainerSetup,
-        publish: Callable[[str, dict[str, bytes]], object],
+        publish: Callable[[str, Path], object],
+        check_name: Callable[[str], object],
         max_file_bytes: int,
     ) -> FineTuning:
-        """Open (or create) the records under `data_dir`; `start()` settles old jobs and runs queued ones."""
+        """Open (or create) the records under `data_dir`; `start()` settles old jobs and runs queued ones.
+
+        `publish(name, adapter_folder)` serves a finished job's adapter; `check_name(name)` raises
+        ClientError when no adapter could be published under `name`."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         records = Records(data_dir / DATABASE_FILE)
         files = FileStore(data_dir / "files", records, max_file_bytes)
-        return cls(records, files, JobRunner(records, files, data_dir / "jobs", setup, publish))
+        return cls(records, files, JobRunner(records, files, data_dir / "jobs", setup, publish, check_name))
 
     def start(self) -> None:
         self.jobs.start()
