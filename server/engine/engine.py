@@ -416,15 +416,16 @@ class Engine:
         self._close(stream, output)
 
     def _close(self, stream: _Stream, output: RequestOutput) -> None:
+        """Forget a finished request, then tell its caller: whoever sees the end sees it released."""
         del self._streams[stream.request.request_id]
         with self._lock:
             self._unfinished -= 1
-        stream.emit(output)
         if stream.on_finish is not None:
             try:
                 stream.on_finish()
             except Exception:
                 log.exception("request %s: on_finish failed", stream.request.request_id)
+        stream.emit(output)
 
     def _acquire_adapters(self, req: Request) -> bool:
         """Pin device slots for all of a request's adapters, or none of them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plait.server.adapters.fusions import Fusion, FusionStore, check_fusion
+from plait.server.errors import ClientError, Conflict
 
 
 def _arrow(fusion_id="mix", **kw) -> Fusion:
@@ -25,10 +26,20 @@ def test_put_get_list_delete_and_reopen(tmp_path):
     assert reopened.get("mix") is None and not (tmp_path / "mix").exists()
 
 
+def test_a_fusion_created_again_is_a_new_revision(tmp_path):
+    store = FusionStore(tmp_path)
+    first = store.put(_arrow())
+    store.delete("mix")
+    second = store.put(_arrow())
+    assert first.created == second.created or first.created + 1 >= second.created
+    assert first.revision and second.revision and first.revision != second.revision
+    assert store.get("mix").revision == second.revision
+
+
 def test_an_id_is_taken_once_and_leftovers_are_cleared(tmp_path):
     store = FusionStore(tmp_path)
     store.put(_arrow())
-    with pytest.raises(FileExistsError):
+    with pytest.raises(Conflict):
         store.put(_arrow(top_k=1))
     assert store.get("mix").top_k == 2
     (tmp_path / ".staging-x").mkdir()  # what a crash mid-write leaves
@@ -40,11 +51,13 @@ def test_an_id_is_taken_once_and_leftovers_are_cleared(tmp_path):
 @pytest.mark.parametrize(
     ("fusion", "field"),
     [
-        (_arrow(fusion_id="../x"), "invalid adapter id"),
+        (_arrow(fusion_id="../x"), "id"),
         (_arrow(members=()), "members"),
         (_arrow(members=("a", "a")), "members"),
         (_arrow(top_k=4), "top_k"),
         (_arrow(temperature=0.0), "temperature"),
+        (_arrow(temperature=1e-300), "temperature"),
+        (Fusion("w", ("a", "b"), "weights", 2, weights=(1e308, 1.0)), "weights"),
         (_arrow(weights=(1.0, 1.0, 1.0)), "weights"),
         (Fusion("w", ("a", "b"), "weights", 2, weights=(1.0,)), "weights"),
         (Fusion("w", ("a", "b"), "weights", 2), "weights"),
@@ -52,17 +65,18 @@ def test_an_id_is_taken_once_and_leftovers_are_cleared(tmp_path):
     ],
 )
 def test_bad_fusions_name_the_field(tmp_path, fusion, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ClientError, match=field) as refused:
         check_fusion(fusion)
-    with pytest.raises(ValueError):
+    assert refused.value.param == field
+    with pytest.raises(ClientError):
         FusionStore(tmp_path).put(fusion)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_router_weights_only_with_a_learned_router(tmp_path):
     store = FusionStore(tmp_path)
-    with pytest.raises(ValueError, match="router_weights"):
+    with pytest.raises(ClientError, match="router_weights"):
         store.put(_arrow(), router_weights=b"x")
-    with pytest.raises(ValueError, match="router_weights"):
+    with pytest.raises(ClientError, match="router_weights"):
         store.put(Fusion("gated", ("a", "b"), "learned", 1))
     assert list(tmp_path.iterdir()) == []

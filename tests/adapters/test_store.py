@@ -88,6 +88,41 @@ def test_replacement_bumps_the_version_and_old_readers_finish(tmp_path):
         assert opened.read() == old_files[ADAPTER_WEIGHTS]  # ...but a file already open reads whole
 
 
+def test_a_held_version_outlives_replacements_and_deletion(tmp_path):
+    """What a queued request relies on: the version it resolved stays readable until it is done."""
+    store = AdapterStore(tmp_path)
+    first_files = adapter_files(seed=1)
+    store.put("a", first_files, validate)
+    held = store.hold("a")
+    for seed in range(2, 7):  # replaced five times while held
+        store.put("a", adapter_files(seed=seed), validate)
+    assert read_files(held.path) == first_files
+    assert store.version_path("a", held.version) == held.path
+    store.release("a", held.version)
+    assert not held.path.exists()  # nobody keeps it any longer
+
+    again = store.hold("a")
+    assert store.delete("a") and store.get("a") is None and store.list() == []
+    assert read_files(again.path) != {}  # deleted for every new reader, still whole for its holder
+    store.put("b", adapter_files(), validate)
+    assert [s.id for s in AdapterStore(tmp_path).list()] == ["b"]  # a deleted id does not come back
+    store.release("a", again.version)
+    assert not (tmp_path / "a").exists()
+
+
+def test_two_holds_of_one_version_keep_it_until_both_release(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.put("a", adapter_files(seed=1), validate)
+    first, second = store.hold("a"), store.hold("a")
+    store.put("a", adapter_files(seed=2), validate)
+    store.put("a", adapter_files(seed=3), validate)
+    store.release("a", first.version)
+    assert second.path.exists()
+    store.release("a", second.version)
+    assert not second.path.exists()
+    assert store.hold("missing") is None
+
+
 def test_readers_never_see_a_mix_of_versions(tmp_path):
     """Replacements alternate between rank 2 and rank 4, so a config and weights from different
     versions would not read as an adapter at all."""
@@ -159,7 +194,6 @@ def test_opening_removes_what_interrupted_writes_left(tmp_path):
     kept = store.put("kept", adapter_files(), validate)
     (tmp_path / ".staging-x1").mkdir()
     (tmp_path / ".staging-x1" / ADAPTER_WEIGHTS).write_bytes(b"half")
-    (tmp_path / ".trash-x2" / "gone" / "v1").mkdir(parents=True)
     (tmp_path / "never-published" / "v7").mkdir(parents=True)  # crashed before its first `current`
     (tmp_path / "kept" / "v99").mkdir()  # crashed between the rename and the pointer swap
     os.symlink("v99", tmp_path / "kept" / ".current-new")

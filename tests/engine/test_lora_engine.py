@@ -18,11 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
 from plait.server.base_model import load_nf4_model, load_tokenizer, resolve_model
-from plait.server.engine.adapter_slots import AdapterKey
-from plait.server.engine.attention import ATTENTION_NAME
-from plait.server.engine.engine import Engine, EngineConfig, LoRAConfig
+from plait.server.engine import ATTENTION_NAME, AdapterKey, Engine, EngineConfig, LoRAConfig, SamplingParams
 from plait.server.engine.lora import LoRALayers
-from plait.server.engine.request import SamplingParams
 from plait.server.metrics import Metrics
 
 # Logprobs of the chosen tokens, engine against PEFT. Both run bitsandbytes' CPU NF4 kernel,
@@ -77,14 +74,17 @@ def _engine_outputs(folder):
     model = load_nf4_model(spec, torch.device("cpu"), DTYPE, attn_implementation=ATTENTION_NAME)
     targets = base_lora_targets(model)
     lora = LoRAConfig(
-        targets=targets, load=lambda key: read_adapter(key.path, targets, 64), max_device_adapters=2, max_cpu_adapters=2
+        targets=targets,
+        load=lambda key: read_adapter(folder / key.adapter_id, targets, 64),
+        max_device_adapters=2,
+        max_cpu_adapters=2,
     )
     engine = Engine(model, tok, EngineConfig(), torch.device("cpu"), Metrics(), lora)
     runner = threading.Thread(target=engine.run)
     runner.start()
 
     async def one(prompt, adapter):
-        adapters = ((AdapterKey(adapter, 1, folder / adapter), 1.0),) if adapter else ()
+        adapters = ((AdapterKey(adapter, 1), 1.0),) if adapter else ()
         handle = engine.submit(
             tok.encode(prompt),
             SamplingParams(max_tokens=NEW_TOKENS, temperature=0, top_logprobs=0, ignore_eos=True),

@@ -258,13 +258,13 @@ def test_config_refusals(targets, good_adapter, tmp_path, changes, field, words)
     folder = copy_adapter(good_adapter, tmp_path)
     edit_config(folder, **changes)
     error = refused(folder, targets)
-    assert error.field == field
+    assert error.param == field
     assert words in error.message
 
 
 def test_rank_above_the_server_maximum(targets, good_adapter):
     error = refused(good_adapter, targets, max_rank=2)
-    assert error.field == "r"
+    assert error.param == "r"
     assert "rank 4, above this server's maximum LoRA rank of 2" in error.message
 
 
@@ -336,7 +336,7 @@ def test_tensor_refusals(targets, good_adapter, tmp_path, change, field, words):
     folder = copy_adapter(good_adapter, tmp_path)
     edit_tensors(folder, change)
     error = refused(folder, targets)
-    assert error.field == field
+    assert error.param == field
     assert words in error.message
 
 
@@ -374,7 +374,7 @@ def test_file_refusals(targets, good_adapter, tmp_path, damage, field, words):
     folder = copy_adapter(good_adapter, tmp_path)
     damage(folder)
     error = refused(folder, targets)
-    assert error.field == field
+    assert error.param == field
     assert words in error.message
 
 

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 from plait.server.base_model import resolve_model
-from plait.server.engine.adapter_slots import AdapterKey, AdapterSlots
+from plait.server.engine import AdapterKey
+from plait.server.engine.adapter_slots import AdapterSlots
 from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
 from plait.server.engine.request import Request, SamplingParams
@@ -163,7 +164,7 @@ def _ready_slot(slots: AdapterSlots, key) -> int:
     raise AssertionError(f"{key} never loaded")
 
 
-def test_forgetting_an_adapter_frees_its_cached_copies_but_not_pinned_slots(tmp_path):
+def test_forgetting_an_adapter_frees_its_cached_copies_but_not_pinned_slots():
     reads: list[AdapterKey] = []
 
     def load(key: AdapterKey):
@@ -171,7 +172,7 @@ def test_forgetting_an_adapter_frees_its_cached_copies_but_not_pinned_slots(tmp_
         return SimpleNamespace(modules={})
 
     slots = AdapterSlots(_Layers(), max_cpu_adapters=8, load=load, wake=lambda: None)
-    old, new, other = (AdapterKey("a", 1, tmp_path), AdapterKey("a", 2, tmp_path), AdapterKey("b", 1, tmp_path))
+    old, new, other = AdapterKey("a", 1), AdapterKey("a", 2), AdapterKey("b", 1)
     slots.release(_ready_slot(slots, old))
     pinned = _ready_slot(slots, other)
     slots.forget("a", keep_version=2)  # "a" was replaced: version 1 goes, "b" stays

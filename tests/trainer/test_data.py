@@ -8,8 +8,9 @@ import math
 import pytest
 
 from plait.server.base_model import load_tokenizer, resolve_model
+from plait.server.fine_tuning.contract import Message, parse_example
 from plait.trainer.batching import collate, plan_steps
-from plait.trainer.data import DataError, Message, parse_example, read_examples
+from plait.trainer.data import DataError, read_examples
 from plait.trainer.masking import IGNORE_INDEX, TemplateError, tokenize_conversation
 from plait.trainer.schedule import learning_rate, warmup_steps
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from plait.cli import main
 from plait.server.base_model import load_nf4_model, load_tokenizer, resolve_model
+from plait.server.fine_tuning.contract import parse_example
 from plait.trainer import loop
 from plait.trainer.batching import collate
 from plait.trainer.config import TrainConfig
-from plait.trainer.data import parse_example
 from plait.trainer.masking import tokenize_conversation
 from plait.trainer.model import LoraSettings, load_for_training, loss_sum, write_adapter
 

@@ -1,8 +1,8 @@
 """The Files API for fine-tuning data: upload through the openai SDK, list, read back, delete,
 and refusals (bad lines named by number, size limit, purpose, keys) that leave nothing behind.
 
-The upload check (`plait.server.fine_tuning.files`) is the server's own code, since the server
-never imports the trainer; a table here holds it to the trainer's verdict line by line.
+What a line must look like is tested once, on the contract both sides import
+(tests/fine_tuning/test_contract.py); here it is the route's behaviour.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from pathlib import Path
 
 import openai
 import pytest
-
-from plait.server.fine_tuning.errors import FineTuningError
-from plait.server.fine_tuning.files import check_line, check_training_file
-from plait.trainer.data import DataError, parse_example, read_examples
 
 ADMIN = {"Authorization": "Bearer ft-admin"}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -109,16 +105,6 @@ def test_bad_files_are_refused_by_line_and_leave_nothing(fine_tuning_server, cli
     assert _stored(fine_tuning_server) == before
 
 
-def test_many_bad_lines_are_counted_and_the_first_listed(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_bytes(b"{}\n" * 12)
-    with pytest.raises(FineTuningError) as error:
-        check_training_file(path)
-    message = error.value.message
-    assert message.startswith("Invalid training file (12 problems): line 1: unknown format")
-    assert "line 5:" in message and "line 6:" not in message and message.endswith("and 7 more.")
-
-
 def test_size_limit_is_413_whether_declared_or_streamed(fine_tuning_server):
     big = b'{"prompt": "q", "completion": "' + b"a" * (1 << 20) + b'"}\n'
     before = _stored(fine_tuning_server)
@@ -160,93 +146,3 @@ def test_purpose_field_and_keys(fine_tuning_server, client):
         anonymous.files.delete(kept.id)
     assert anonymous.files.retrieve(kept.id).id == kept.id  # reading needs only the API key (none here)
     client.files.delete(kept.id)
-
-
-# --- the server's check against the trainer's -------------------------------------------------
-
-LINES = [
-    CHAT,
-    {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]},
-    {
-        "messages": [
-            *CHAT["messages"],
-            {"role": "user", "content": "More"},
-            {"role": "assistant", "content": "No.", "weight": 0},
-        ]
-    },
-    {"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a", "weight": 1}]},
-    {"prompt": "q", "completion": "a"},
-    {"prompt": "", "completion": "a"},
-    {"instruction": "i", "output": "o"},
-    {"instruction": "i", "input": "x", "output": "o"},
-    # refused by both
-    {"messages": []},
-    {"messages": "hi"},
-    {"messages": [{"role": "user", "content": "q"}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]},
-    {"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": True}]},
-    {"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": []}]},
-    {"messages": [{"role": "function", "content": "q"}, {"role": "assistant", "content": "a"}]},
-    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": []},
-    {"messages": [{"role": "user", "content": "q"}, "a"]},
-    {"prompt": "q"},
-    {"prompt": "q", "completion": " "},
-    {"prompt": "q", "completion": "a", "extra": 1},
-    {"prompt": None, "completion": "a"},
-    {"instruction": "i", "input": 3, "output": "o"},
-    {"output": "o"},
-    {"text": "plain"},
-    {},
-    [1],
-    "text",
-    3,
-]
-
-
-@pytest.mark.parametrize("record", LINES, ids=range(len(LINES)))
-def test_the_upload_check_agrees_with_the_trainer(record):
-    line = json.dumps(record)
-    verdicts = []
-    for check in (check_line, parse_example):
-        try:
-            check(line)
-            verdicts.append("accepted")
-        except ValueError:
-            verdicts.append("refused")
-    assert verdicts[0] == verdicts[1], verdicts
-
-
-@pytest.mark.parametrize("raw", [b"{oops}", b"", b"   ", b"{} {}", b"\xff"])
-def test_the_upload_check_agrees_on_what_is_not_json(raw, tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_bytes(json.dumps(CHAT).encode() + b"\n" + raw + b"\n")
-    server_verdict = trainer_verdict = "accepted"
-    try:
-        check_training_file(path)
-    except FineTuningError:
-        server_verdict = "refused"
-    try:
-        read_examples(path)
-    except DataError:
-        trainer_verdict = "refused"
-    assert server_verdict == trainer_verdict
-
-
-def test_line_numbers_are_the_trainers(tmp_path):
-    """Blank lines, CRLF, a lone CR and a byte-order mark count as the trainer counts them."""
-    good, bad = json.dumps(CHAT).encode(), b"{bad"
-    path = tmp_path / "d.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n\r\n" + bad + b"\r" + good + b"\n\n" + bad + b"\n" + good)
-    with pytest.raises(DataError) as trainer:
-        read_examples(path)
-    with pytest.raises(FineTuningError) as server:
-        check_training_file(path)
-    numbers = [p.split(":")[0] for p in trainer.value.problems]
-    assert numbers == ["line 3", "line 6"]
-    assert all(f"{n}: invalid JSON" in server.value.message for n in numbers)
-    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n\r\n" + good + b"\r" + good + b"\n")
-    assert check_training_file(path) == len(read_examples(path)) == 3

@@ -16,8 +16,8 @@ from peft.tuners.lora.config import ArrowConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
+from plait.server.adapters.routers import Gate, Router, arrow_router
 from plait.server.engine.lora import LoRALayers
-from plait.server.engine.routing import Gate, Router, arrow_router
 
 MEMBERS = ["skill0", "skill1", "skill2"]
 LENGTH = 6

@@ -1,0 +1,262 @@
+"""The engine's loop in-process, on a tiny random Llama: submit, abort, shutdown, a request waiting
+on an adapter that is still loading, one bad request among good ones, and a loop that fails."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from plait.server.adapters.format import LoRAWeights, base_lora_targets
+from plait.server.base_model import resolve_model
+from plait.server.engine import (
+    ATTENTION_NAME,
+    AdapterKey,
+    Engine,
+    EngineConfig,
+    EngineUnavailable,
+    FinishReason,
+    LoRAConfig,
+    SamplingParams,
+)
+from plait.server.errors import ClientError
+from plait.server.metrics import Metrics
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model(None).path)
+
+
+class Adapters:
+    """Random adapters read by `load`; reading one can be held back until `release` is called."""
+
+    def __init__(self, targets: dict[str, tuple[int, int]], scale: float = 1.0):
+        self.targets = targets
+        self.scale = scale
+        self.gate = threading.Event()
+        self.gate.set()
+        self.reads: list[AdapterKey] = []
+
+    def load(self, key: AdapterKey):
+        self.gate.wait(30)
+        self.reads.append(key)
+        generator = torch.Generator().manual_seed(key.version)
+        size = 1e20 if key.adapter_id == "huge" else 0.1  # "huge" overflows float32 in its first layer
+
+        def weights(n_in: int, n_out: int) -> LoRAWeights:
+            a = torch.randn(RANK, n_in, generator=generator) * size
+            b = torch.randn(n_out, RANK, generator=generator) * size
+            return LoRAWeights(a, b, self.scale)
+
+        return SimpleNamespace(modules={path: weights(*in_out) for path, in_out in self.targets.items()})
+
+
+@pytest.fixture
+def engine(tokenizer):
+    """A running engine (on a thread) and its adapters; shut down afterwards."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+    )
+    model = LlamaForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
+    adapters = Adapters(base_lora_targets(model))
+    lora = LoRAConfig(targets=adapters.targets, load=adapters.load, max_device_adapters=2, max_rank=RANK)
+    engine = Engine(
+        model, tokenizer, EngineConfig(kv_cache_tokens=2048, max_waiting=4), torch.device("cpu"), Metrics(), lora
+    )
+    engine.adapters = adapters
+    runner = threading.Thread(target=engine.run, daemon=True)
+    runner.start()
+    _wait_for(lambda: engine.accepting)
+    yield engine
+    adapters.gate.set()
+    engine.shutdown(drain_seconds=0)
+    runner.join(10)
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _params(max_tokens: int = 4, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), ignore_eos=True, **kw)
+
+
+async def _final(handle):
+    async with asyncio.timeout(30):
+        outputs = [o async for o in handle.outputs()]
+    return outputs[-1], outputs
+
+
+def test_a_request_runs_to_its_length_and_is_counted_out(engine, tokenizer):
+    finished = []
+
+    async def go():
+        handle = engine.submit(tokenizer.encode("Hello"), _params(5), on_finish=lambda: finished.append(1))
+        return await _final(handle)
+
+    final, _ = asyncio.run(go())
+    assert (final.finish_reason, final.completion_tokens, final.error) == (FinishReason.LENGTH, 5, None)
+    assert len(final.token_ids) == 5 and finished == [1]
+    assert engine.num_unfinished == 0
+
+
+def test_an_aborted_request_ends_at_once_and_frees_its_place(engine, tokenizer):
+    finished = []
+
+    async def go():
+        handle = engine.submit(
+            tokenizer.encode("Hello"), _params(900), streaming=True, on_finish=lambda: finished.append(1)
+        )
+        outputs = handle.outputs()
+        first = await anext(outputs)
+        handle.close()  # what a client that hangs up does
+        await outputs.aclose()
+        return first
+
+    first = asyncio.run(go())
+    assert first.finish_reason is None and first.token_ids
+    _wait_for(lambda: finished == [1] and engine.num_unfinished == 0)
+    assert engine.metrics.registry.get_sample_value("plait_requests_total", {"finish_reason": "abort"}) == 1
+
+
+def test_shutdown_ends_what_is_still_running(tokenizer, engine):
+    async def go():
+        handle = engine.submit(tokenizer.encode("Hello"), _params(900), streaming=True)
+        outputs = handle.outputs()
+        await anext(outputs)
+        await asyncio.to_thread(engine.shutdown, 0.2)  # too short a drain for 900 tokens
+        return [o async for o in outputs][-1]
+
+    final = asyncio.run(go())
+    assert (final.finish_reason, final.error) == (FinishReason.ABORT, "the server shut down")
+    assert not engine.accepting
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(_submit_only(engine, tokenizer))
+
+
+async def _submit_only(engine, tokenizer):
+    return engine.submit(tokenizer.encode("Hi"), _params(2))
+
+
+def test_a_request_waits_for_its_adapter_without_holding_up_others_or_spinning(engine, tokenizer):
+    adapters = engine.adapters
+    adapters.gate.clear()  # reading the adapter takes until the gate opens
+    calls = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: calls.append(1) or schedule()
+
+    async def go():
+        waiting = asyncio.ensure_future(
+            _final(engine.submit(tokenizer.encode("Hi"), _params(3), adapters=((AdapterKey("slow", 1), 1.0),)))
+        )
+        base, _ = await _final(engine.submit(tokenizer.encode("Hi"), _params(3)))
+        assert base.finish_reason is FinishReason.LENGTH and not waiting.done()
+        await asyncio.sleep(0.3)
+        before = len(calls)
+        await asyncio.sleep(1.0)  # only the request waiting for its adapter is left
+        idle_steps = len(calls) - before
+        adapters.gate.set()
+        adapted, _ = await waiting
+        return idle_steps, adapted
+
+    idle_steps, adapted = asyncio.run(go())
+    assert idle_steps <= 4, f"the loop ran {idle_steps} times in a second with nothing it could do"
+    assert adapted.finish_reason is FinishReason.LENGTH and adapters.reads == [AdapterKey("slow", 1)]
+
+
+def test_a_request_whose_output_is_not_finite_fails_alone(engine, tokenizer):
+    async def go():
+        huge = engine.submit(
+            tokenizer.encode("Hello"), _params(4), adapters=((AdapterKey("huge", 1), 1.0),), streaming=True
+        )
+        tiny_temperature = engine.submit(tokenizer.encode("Hello"), _params(4, temperature=1e-300))
+        plain = engine.submit(tokenizer.encode("Hello"), _params(4))
+        return await asyncio.gather(_final(huge), _final(tiny_temperature), _final(plain))
+
+    (huge, _), (tiny, _), (plain, _) = asyncio.run(go())
+    assert huge.finish_reason is FinishReason.ERROR and "not finite" in huge.error
+    assert tiny.finish_reason is FinishReason.LENGTH and tiny.token_ids == plain.token_ids  # greedy
+    assert plain.finish_reason is FinishReason.LENGTH
+    assert engine.accepting and engine.failure is None
+
+
+def test_refused_requests_are_not_counted(engine, tokenizer):
+    async def go():
+        for _ in range(10):  # more than max_waiting: a leak would end in EngineBusy
+            with pytest.raises(ClientError) as refused:
+                engine.submit(tokenizer.encode("Hi"), _params(2, seed=2**64))
+            assert refused.value.param == "seed"
+            with pytest.raises(ClientError) as refused:
+                engine.submit(tokenizer.encode("Hi"), _params(2000))
+            assert refused.value.code == "context_length_exceeded"
+        assert engine.num_unfinished == 0
+        return await _final(engine.submit(tokenizer.encode("Hi"), _params(2, seed=-(2**63))))
+
+    final, _ = asyncio.run(go())
+    assert final.finish_reason is FinishReason.LENGTH
+
+
+def test_a_failing_loop_ends_every_request_and_stops_taking_more(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+    )
+    model = LlamaForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_tokens=512), torch.device("cpu"), Metrics())
+    admitted = threading.Event()
+
+    def broken_schedule():
+        if engine.scheduler.waiting:
+            admitted.set()
+            raise RuntimeError("scheduler bug")
+        return []
+
+    engine.scheduler.schedule = broken_schedule
+    failed = []
+
+    def run():
+        try:
+            engine.run()
+        except RuntimeError as exc:
+            failed.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    _wait_for(lambda: engine.accepting)
+    finished = []
+
+    async def go():
+        handle = engine.submit(tokenizer.encode("Hi"), _params(3), on_finish=lambda: finished.append(1))
+        return await _final(handle)
+
+    final, _ = asyncio.run(go())
+    runner.join(10)
+    assert admitted.is_set() and len(failed) == 1
+    assert final.finish_reason is FinishReason.ERROR and "scheduler bug" in final.error
+    assert finished == [1] and engine.num_unfinished == 0
+    assert not engine.accepting and "scheduler bug" in engine.failure
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(_submit_only(engine, tokenizer))
