@@ -1,4 +1,9 @@
-"""Fixtures that start real `plait serve` processes on loopback ports."""
+"""Fixtures shared by the whole suite: real `plait serve` processes on loopback ports, the embedded
+model's tokenizer, and tiny random Llamas for in-process engine tests.
+
+Tests that start a server or train a model are marked `slow` (servers by the fixtures they use,
+training by hand); `make test` runs everything, `make test-fast` everything else.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,49 @@ import pytest
 import torch
 
 STARTUP_SECONDS = 300  # the first start converts the embedded model once
+SERVER_FIXTURES = {"server", "client", "launch_server", "launch_module_server", "fine_tuning_server"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts a server or trains a model (left out by `make test-fast`)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer."""
+    from plait.server.base_model import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(None))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    """Makes a small random Llama that the engine can run (its paged attention), with the embedded
+    model's vocabulary: engine tests in milliseconds per step instead of a real model's seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plait.server.engine import ATTENTION_NAME
+
+    def make(hidden: int = 64, layers: int = 2, seed: int = 0):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+        )
+        return LlamaForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
+
+    return make
 
 
 @dataclass

@@ -24,9 +24,7 @@ import pytest
 import torch
 
 from plait.server.base_model import load_nf4_model, load_tokenizer, resolve_model
-from plait.server.fine_tuning.files import FileStore
-from plait.server.fine_tuning.jobs import RESTARTED, JobRunner, TrainerSetup
-from plait.server.fine_tuning.records import DATABASE_FILE, Records
+from plait.server.fine_tuning.jobs import RESTARTED
 
 ADMIN_KEY = "ft-admin"  # the fine_tuning_server fixture's
 BASE = "SmolLM2-135M-Instruct"
@@ -332,43 +330,6 @@ def test_restart_fails_the_running_job_and_runs_the_queued_one(launch_server, tm
     done = _wait(client, waiting.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{BASE}:after:{waiting.id}" and done.fine_tuned_model in _served(client)
-
-
-def test_a_trainer_left_by_a_killed_server_is_stopped_at_the_next_start(tmp_path):
-    """A server killed outright (SIGKILL) cannot stop its trainer; the next one does, by pid and folder."""
-    records = Records(tmp_path / DATABASE_FILE)
-    files = FileStore(tmp_path / "files", records)
-    jobs_dir = tmp_path / "jobs"
-    orphans = {}
-    for job_id, cwd in (("ftjob-orphan", jobs_dir / "ftjob-orphan"), ("ftjob-reused", tmp_path)):
-        (jobs_dir / job_id).mkdir(parents=True)
-        orphans[job_id] = subprocess.Popen(["sleep", "60"], cwd=cwd, start_new_session=True)
-        records.insert(
-            "jobs",
-            {
-                "id": job_id,
-                "created_at": 0,
-                "status": "running",
-                "model": BASE,
-                "training_file": "file-x",
-                "hyperparameters": {},
-                "seed": 0,
-                "train_examples": 1,
-                "pid": orphans[job_id].pid,
-            },
-        )
-    runner = JobRunner(records, files, jobs_dir, TrainerSetup(BASE, tmp_path), publish=lambda *a: None)
-    runner.start()
-    try:
-        assert orphans["ftjob-orphan"].wait(timeout=10) == -signal.SIGKILL
-        assert orphans["ftjob-reused"].poll() is None  # its pid now belongs to a process elsewhere: left alone
-        for job_id in orphans:
-            job = runner.get(job_id)
-            assert job["status"] == "failed" and job["error"]["message"] == RESTARTED
-    finally:
-        runner.stop()
-        orphans["ftjob-reused"].kill()
-        orphans["ftjob-reused"].wait()
 
 
 def test_plait_train_publish_serves_what_peft_loads(fine_tuning_server, tmp_path, peft_logprobs):

@@ -10,12 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from plait.server.adapters.format import LoRAWeights, base_lora_targets
-from plait.server.base_model import resolve_model
 from plait.server.engine import (
-    ATTENTION_NAME,
     AdapterKey,
     Engine,
     EngineConfig,
@@ -28,11 +25,6 @@ from plait.server.errors import ClientError
 from plait.server.metrics import Metrics
 
 RANK = 4
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model(None).path)
 
 
 class Adapters:
@@ -60,19 +52,9 @@ class Adapters:
 
 
 @pytest.fixture
-def engine(tokenizer):
+def engine(tokenizer, tiny_llama):
     """A running engine (on a thread) and its adapters; shut down afterwards."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
+    model = tiny_llama()
     adapters = Adapters(base_lora_targets(model))
     lora = LoRAConfig(targets=adapters.targets, load=adapters.load, max_device_adapters=2, max_rank=RANK)
     engine = Engine(
@@ -214,18 +196,10 @@ def test_refused_requests_are_not_counted(engine, tokenizer):
     assert final.finish_reason is FinishReason.LENGTH
 
 
-def test_a_failing_loop_ends_every_request_and_stops_taking_more(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer),
+def test_a_failing_loop_ends_every_request_and_stops_taking_more(tokenizer, tiny_llama):
+    engine = Engine(
+        tiny_llama(hidden=32, layers=1), tokenizer, EngineConfig(kv_cache_tokens=512), torch.device("cpu"), Metrics()
     )
-    model = LlamaForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
-    engine = Engine(model, tokenizer, EngineConfig(kv_cache_tokens=512), torch.device("cpu"), Metrics())
     admitted = threading.Event()
 
     def broken_schedule():
