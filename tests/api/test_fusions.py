@@ -179,6 +179,8 @@ def test_learned_router_uploads_with_its_gates(server):
         ({"id": "../up", "members": MEMBERS, "router": "arrow"}, 400, "id"),
         ({"id": "skill-a", "members": MEMBERS, "router": "arrow"}, 409, "id"),
         ({"id": "f10", "members": [], "router": "arrow"}, 400, "members"),
+        ({"id": "f11", "members": MEMBERS, "router": "arrow", "temperature": 1e-300}, 400, "temperature"),
+        ({"id": "f12", "members": MEMBERS[:2], "router": "weights", "weights": [1e308, 1.0]}, 400, "weights"),
     ],
 )
 def test_bad_fusions_are_refused(server, body, status, param):
