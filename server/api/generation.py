@@ -34,17 +34,7 @@ ERRORS = error_responses(400, 401, 404, 413, 429, 503)
 async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     _refuse_surely_too_long(ctx, sum(len(m["content"]) for m in messages), "messages")
-    served = await asyncio.to_thread(resolve, ctx, body.model, body.adapters, body.combination)
-    try:
-        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, ctx, messages)
-        handle = _submit(ctx, prompt_ids, body, served, "messages")
-    except BaseException:
-        served.release()
-        raise
-    fmt = _ChatFormat(ctx, f"chatcmpl-{uuid.uuid4().hex}", served, body.return_tokens_as_token_ids)
-    if body.stream:
-        return _sse(handle, request, fmt, body.include_usage)
-    return await _collect(handle, request, fmt)
+    return await _generate(ctx, body, request, lambda: _chat_prompt_ids(ctx, messages), "messages", _ChatFormat)
 
 
 @router.post("/v1/completions", responses=ERRORS)
@@ -52,14 +42,25 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
     prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
     if isinstance(prompt, str):
         _refuse_surely_too_long(ctx, len(prompt), "prompt")
+    return await _generate(ctx, body, request, lambda: _completion_prompt_ids(ctx, prompt), "prompt", _CompletionFormat)
+
+
+async def _generate(
+    ctx: ServerContext,
+    body: ChatCompletionRequest | CompletionRequest,
+    request: Request,
+    prompt_ids: Callable[[], list[int]],
+    prompt_param: str,
+    format_class: type[_Format],
+):
+    """Resolve what the request runs, tokenize, submit, and answer as JSON or a stream."""
     served = await asyncio.to_thread(resolve, ctx, body.model, body.adapters, body.combination)
     try:
-        prompt_ids = await asyncio.to_thread(_completion_prompt_ids, ctx, prompt)
-        handle = _submit(ctx, prompt_ids, body, served, "prompt")
+        handle = _submit(ctx, await asyncio.to_thread(prompt_ids), body, served, prompt_param)
     except BaseException:
         served.release()
         raise
-    fmt = _CompletionFormat(ctx, f"cmpl-{uuid.uuid4().hex}", served, body.return_tokens_as_token_ids)
+    fmt = format_class(ctx, served, body.return_tokens_as_token_ids)
     if body.stream:
         return _sse(handle, request, fmt, body.include_usage)
     return await _collect(handle, request, fmt)
@@ -214,12 +215,13 @@ def _usage(out: RequestOutput) -> dict:
 class _Format:
     """How one endpoint words its answers: the whole body, or a stream of chunks."""
 
+    id_prefix: str
     object_full: str
     object_chunk: str
 
-    def __init__(self, ctx: ServerContext, response_id: str, served: Served, tokens_as_ids: bool = False):
+    def __init__(self, ctx: ServerContext, served: Served, tokens_as_ids: bool = False):
         self.token_text: Callable[[int], str] = (lambda i: f"token_id:{i}") if tokens_as_ids else ctx.token_text
-        self.id = response_id
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.served = served
         self.created = int(time.time())
 
@@ -252,6 +254,7 @@ class _Format:
 
 
 class _ChatFormat(_Format):
+    id_prefix = "chatcmpl"
     object_full = "chat.completion"
     object_chunk = "chat.completion.chunk"
 
@@ -296,6 +299,7 @@ class _ChatFormat(_Format):
 
 
 class _CompletionFormat(_Format):
+    id_prefix = "cmpl"
     object_full = "text_completion"
     object_chunk = "text_completion"
 

@@ -85,7 +85,10 @@ BAD_FILES = {
         json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(),
         ["line 1: no assistant message"],
     ),
-    "tool role": (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), ["line 1: message 1: role"]),
+    "tool role": (
+        json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(),
+        ["line 1: message 1: tool and function calls are not supported"],
+    ),
     "not an object": (b'[1, 2]\r\n"text"\r\n', ["line 1: expected a JSON object, got a list", "line 2: expected"]),
     "wrong type": (b'{"prompt": "q", "completion": 4}', ['line 1: "completion" must be a string, got a number']),
     "empty": (b"\n\n", ["it has no examples"]),

@@ -15,34 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
-HIDDEN, KV, LAYERS = 576, 192, 30
+HIDDEN, LAYERS = 576, 30  # the embedded model's
 MEMBERS = ["skill-a", "skill-b", "skill-c"]
 NEW_TOKENS = 5
 PROMPT = "The capital of France is"
-
-
-def _write_adapter(folder: Path, seed: int, base: str = "SmolLM2-135M-Instruct", rank: int = 4) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(LAYERS):
-        for module, out in (("q_proj", HIDDEN), ("v_proj", KV)):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=generator) * 0.05
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.05
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": ["q_proj", "v_proj"],
-        "bias": "none",
-        "base_model_name_or_path": base,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
 def _upload(http, adapter_id: str, folder: Path):
@@ -51,14 +30,14 @@ def _upload(http, adapter_id: str, folder: Path):
 
 
 @pytest.fixture(scope="module")
-def server(launch_module_server, tmp_path_factory):
+def server(launch_module_server, tmp_path_factory, random_adapter):
     root = tmp_path_factory.mktemp("members")
     s = launch_module_server("--admin-key", "admin-secret")
     with s.http() as http:
         for i, name in enumerate(MEMBERS):
-            _write_adapter(root / name, seed=i)
+            random_adapter(root / name, seed=i, base="SmolLM2-135M-Instruct")
             assert _upload(http, name, root / name).status_code == 201
-        _write_adapter(root / "other-base", seed=9, base="SomeOtherModel-1B")
+        random_adapter(root / "other-base", seed=9, base="SomeOtherModel-1B")
         assert _upload(http, "other-base", root / "other-base").status_code == 201
     s.members_root = root
     return s

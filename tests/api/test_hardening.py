@@ -23,22 +23,6 @@ from safetensors.torch import save_file
 from plait.server.serve import serve_http
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
-HIDDEN, KV, LAYERS = 576, 192, 30
-
-
-def _write_adapter(folder: Path, seed: int, rank: int = 4) -> Path:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(LAYERS):
-        for module, out in (("q_proj", HIDDEN), ("v_proj", KV)):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=generator) * 0.05
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.05
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 def _files(folder: Path) -> list:
@@ -46,12 +30,13 @@ def _files(folder: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def live(launch_module_server, tmp_path_factory):
+def live(launch_module_server, tmp_path_factory, random_adapter):
     """One request runs at a time, so the others queue: what the replacement test needs."""
     server = launch_module_server("--admin-key", "admin-secret", "--max-running", "1")
     server.root = tmp_path_factory.mktemp("hardening")
+    server.random_adapter = random_adapter
     with server.http(headers=ADMIN) as http:
-        r = http.post("/v1/adapters", data={"id": "swap"}, files=_files(_write_adapter(server.root / "v0", 0)))
+        r = http.post("/v1/adapters", data={"id": "swap"}, files=_files(random_adapter(server.root / "v0", 0)))
         assert r.status_code == 201, r.text
     return server
 
@@ -127,7 +112,7 @@ def test_a_completion_prompt_too_long_names_the_prompt(live):
 def test_requests_queued_on_an_adapter_finish_while_it_is_replaced(live):
     """They resolved the adapter before it was replaced five times, and it was never read: the
     version they hold must still be there when their turn comes."""
-    versions = [_write_adapter(live.root / f"v{i}", i) for i in range(1, 6)]
+    versions = [live.random_adapter(live.root / f"v{i}", i) for i in range(1, 6)]
     blocker = {"prompt": "Once upon a time", "max_tokens": 150, "ignore_eos": True}
     body = {"model": "swap", "prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": True}
     with ThreadPoolExecutor(8) as pool, live.http() as http:
@@ -153,7 +138,7 @@ def _wait_for_metric(server, name: str, value: float, seconds: float = 30.0) -> 
 
 def test_deeply_nested_json_is_a_400(live):
     nested = "[" * 100_000 + "]" * 100_000
-    folder = _write_adapter(live.root / "nested", 9)
+    folder = live.random_adapter(live.root / "nested", 9)
     (folder / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 4, "x": 0})[:-1] + f', "y": {nested}}}'
     )
