@@ -5,8 +5,8 @@ so a forward pass never blocks the HTTP side (torch releases the GIL while it co
 Callers talk to the engine only through its inbox, a queue of typed messages read between
 steps (`submit`, `abort`, `forget_adapter`, `shutdown` put them there); each request's
 outputs go back to its own asyncio queue on the caller's loop. Everything else here is
-touched by the engine thread alone, except the count of unfinished requests (under a lock)
-and the accepting/stopping flags (single writes the loop reads).
+touched by the engine thread alone, except the admission counts (unfinished and running
+requests, under a lock) and the accepting/stopping flags (single writes the loop reads).
 
 `run` belongs on the process's main thread: with torch's OpenMP pool driven from any
 other thread, a decode step on 2 CPU cores took 3x as long (measured: 88 ms against 28 ms).
@@ -196,8 +196,9 @@ class Engine:
 
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the admission counts below
         self._unfinished = 0
+        self._running = 0  # len(scheduler.running) as of the last step
         self._accepting = False
         self._stopping = False
         self._ids = itertools.count()
@@ -209,10 +210,11 @@ class Engine:
         try:
             self._loop()
         except BaseException as exc:
-            self._accepting = False
+            with self._lock:  # no request gets in after this
+                self._accepting = False
             self.failure = f"{type(exc).__name__}: {exc}"
             log.critical("the engine failed; every request in flight ends with an error", exc_info=True)
-            for stream in list(self._streams.values()):
+            for stream in [*self._streams.values(), *self._unread_requests()]:
                 self._abandon(stream, f"the engine failed ({self.failure})")
             raise
 
@@ -251,8 +253,6 @@ class Engine:
         num_slots = self.adapter_slots.num_slots if self.adapter_slots else 0
         if len(adapters) > num_slots:
             raise ClientError(f"A request may combine at most {num_slots} adapters.", "adapters")
-        if not self._accepting:
-            raise EngineUnavailable("The server is not accepting requests (starting up or shutting down).")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ClientError(
                 f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max tokens "
@@ -274,11 +274,13 @@ class Engine:
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
         stream = _Stream(request, detokenizer, asyncio.get_running_loop(), outputs, streaming, on_finish)
         with self._lock:  # counted last: nothing after this can refuse the request
-            if self._unfinished - len(self.scheduler.running) >= self.config.max_waiting:
+            if not self._accepting:
+                raise EngineUnavailable("The server is not accepting requests (starting up or shutting down).")
+            if self._unfinished - self._running >= self.config.max_waiting:
                 self.metrics.rejected.inc()
                 raise EngineBusy(f"Too many requests are waiting (limit {self.config.max_waiting}); retry later.")
             self._unfinished += 1
-        self._inbox.put(_Add(stream))
+            self._inbox.put(_Add(stream))  # under the lock, so a stopping loop sees every request it took
         return RequestHandle(self, request.request_id, outputs)
 
     def abort(self, request_id: str) -> None:
@@ -290,7 +292,8 @@ class Engine:
 
     def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish (up to a limit), then end `run`."""
-        self._accepting = False
+        with self._lock:
+            self._accepting = False
         deadline = time.monotonic() + drain_seconds
         while self._unfinished and time.monotonic() < deadline and self.failure is None:
             time.sleep(0.05)
@@ -313,9 +316,25 @@ class Engine:
             if chunks:
                 self._step(chunks)
             idle = not chunks
+            with self._lock:
+                self._running = len(self.scheduler.running)
             self._update_gauges()
         for stream in list(self._streams.values()):
             self._finish(stream, FinishReason.ABORT, error="the server shut down")
+        for stream in self._unread_requests():
+            self._abandon(stream, "the server shut down", FinishReason.ABORT)
+
+    def _unread_requests(self) -> list[_Stream]:
+        """Requests still in the inbox once the loop has stopped reading it (taken in before it stopped)."""
+        streams = []
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return streams
+            if isinstance(message, _Add):
+                self._streams[message.stream.request.request_id] = message.stream
+                streams.append(message.stream)
 
     def _read_inbox(self, block: bool) -> None:
         try:
@@ -409,10 +428,10 @@ class Engine:
         )
         self._close(stream, output)
 
-    def _abandon(self, stream: _Stream, error: str) -> None:
+    def _abandon(self, stream: _Stream, error: str, reason: FinishReason = FinishReason.ERROR) -> None:
         """End a request without touching the scheduler, whose state may be what failed."""
-        stream.request.finish_reason = FinishReason.ERROR
-        output = RequestOutput("", (), (), FinishReason.ERROR, len(stream.request.prompt_ids), 0, error)
+        stream.request.finish_reason = reason
+        output = RequestOutput("", (), (), reason, len(stream.request.prompt_ids), 0, error)
         self._close(stream, output)
 
     def _close(self, stream: _Stream, output: RequestOutput) -> None:

@@ -247,6 +247,7 @@ def test_the_saved_adapter_is_what_peft_loads(tiny_model, tiny_batch, tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
 
 
+@pytest.mark.slow
 def test_a_real_run_on_the_embedded_model(workdir):
     """The CLI as a user runs it: the adapter, report and curve appear, loss falls, PEFT loads the result."""
     from peft import PeftModel
