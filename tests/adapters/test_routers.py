@@ -1,5 +1,6 @@
 """Routers in the LoRA layers: Arrow against a direct computation and against PEFT's Arrow,
-a one-member fusion against its adapter, and mixed batches against requests run alone.
+a one-member fusion against its adapter, and mixed batches against requests run alone; then
+the cache that builds each fusion's router once.
 
 Everything runs on a small float32 Llama, so results agree to float32 rounding.
 """
@@ -7,6 +8,7 @@ Everything runs on a small float32 Llama, so results agree to float32 rounding.
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ from peft.tuners.lora.config import ArrowConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
-from plait.server.adapters.routers import Gate, Router, arrow_router
+from plait.server.adapters.fusions import Fusion, FusionStore
+from plait.server.adapters.routers import Gate, Router, RouterCache, arrow_router
 from plait.server.engine.lora import LoRALayers
 
 MEMBERS = ["skill0", "skill1", "skill2"]
@@ -153,3 +156,74 @@ def test_mixed_batch_answers_as_each_request_alone(made):
     for i in range(len(requests)):
         torch.testing.assert_close(together[i], alone[i], atol=1e-5, rtol=1e-5)
     assert (alone[0] - alone[5]).abs().max() > 0.01  # routing changed the answer
+
+
+# --- the router cache -------------------------------------------------------------------------
+
+
+def _cache(made, reads: list | None = None) -> RouterCache:
+    _, _, _, adapters = made
+    by_name = dict(zip(MEMBERS, adapters, strict=True))
+
+    def read_member(adapter_id: str, version: int):
+        if reads is not None:
+            reads.append((adapter_id, version))
+        return by_name[adapter_id]
+
+    return RouterCache(read_member, torch.device("cpu"))
+
+
+def test_a_fusion_created_again_under_its_id_gets_its_new_router(made, tmp_path):
+    """Even within the same second: the cache keys on the record's revision, not its time."""
+    store, cache = FusionStore(tmp_path), _cache(made)
+    versions = [(name, 1) for name in MEMBERS]
+    first = cache.get(store.put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1)), versions)
+    store.delete("mix")
+    again = store.put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=3, temperature=0.5))
+    second = cache.get(again, versions)
+    assert (first.top_k, second.top_k, second.temperature) == (1, 3, 0.5)
+    assert cache.get(again, versions) is second
+
+
+def test_routers_are_dropped_with_their_fusion_or_a_replaced_member(made, tmp_path):
+    store, reads = FusionStore(tmp_path), []
+    cache = _cache(made, reads)
+    mix = store.put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1))
+    pair = store.put(Fusion("pair", tuple(MEMBERS[:2]), "arrow", top_k=1))
+    cache.get(mix, [(name, 1) for name in MEMBERS])
+    cache.get(pair, [(name, 1) for name in MEMBERS[:2]])
+    assert len(cache) == 2 and len(reads) == 5
+    cache.forget_adapter(MEMBERS[2], keep_version=2)  # replaced: only "mix" used it
+    assert len(cache) == 1
+    cache.forget_fusion("pair")
+    assert len(cache) == 0
+
+
+def test_the_cache_takes_builds_and_forgets_from_many_threads_at_once(made, tmp_path):
+    cache = _cache(made)
+    fusion = FusionStore(tmp_path).put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1))
+    errors, done = [], threading.Event()
+
+    def build(worker: int) -> None:
+        try:
+            for version in range(worker * 1000, worker * 1000 + 40):  # a new key each time: an insert
+                cache.get(fusion, [(name, version) for name in MEMBERS])
+        except Exception as exc:
+            errors.append(exc)
+
+    def forget() -> None:
+        while not done.wait(0.001):
+            cache.forget_adapter(MEMBERS[0], keep_version=-1)
+
+    forgetter = threading.Thread(target=forget)
+    forgetter.start()
+    builders = [threading.Thread(target=build, args=(i,)) for i in range(3)]
+    for t in builders:
+        t.start()
+    for t in builders:
+        t.join()
+    done.set()
+    forgetter.join()
+    assert errors == []
+    cache.forget_adapter(MEMBERS[0])
+    assert len(cache) == 0
