@@ -1,7 +1,7 @@
 """Training a fusion's learned router: one small gate per LoRA layer that tells the members apart.
 
 The gate of a layer scores each member from the layer's input, `x·rowᵢ + biasᵢ`, the same
-way the server's `learned` router does (plait.server.engine.routing). It is trained as a
+way the server's `learned` router does (plait.server.adapters.routers). It is trained as a
 classifier: every token of an example from member i's data should score member i highest.
 It learns from the hidden states of the bare NF4 base the server runs, not of the base with
 member i's adapter on: those carry the adapter's own signature, which a gate learns to read
