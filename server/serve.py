@@ -91,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, capped by the KV pool)")
     p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
+    p.add_argument("--max-n", type=int, default=8, help="choices one request may ask for (n)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         ("--block-size", args.block_size),
         ("--max-running", args.max_running),
         ("--max-batched-tokens", args.max_batched_tokens),
+        ("--max-n", args.max_n),
     ):
         if value < 1:
             return _fail(f"{name} must be at least 1")
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         admin_key=args.admin_key,
         default_max_tokens=args.default_max_tokens,
+        max_n=args.max_n,
+        model_type=getattr(model.config, "model_type", None),
     )
 
     try:

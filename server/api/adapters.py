@@ -87,14 +87,16 @@ def delete_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
 
 
 class LoadLoRARequest(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # replace an adapter already loaded under lora_name, as in vLLM
 
 
 class UnloadLoRARequest(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     lora_name: str
+    lora_int_id: int | None = None  # vLLM's; adapters here are named, so it is not needed
 
 
 @router.post(
@@ -108,6 +110,13 @@ def load_lora_adapter(body: LoadLoRARequest, ctx: ServerContext = Depends(get_co
         found = False
     if not found:
         raise NotFound(f"No adapter folder at lora_path '{body.lora_path}'.", "lora_path", "adapter_not_found")
+    if not body.load_inplace and ctx.store.get(body.lora_name) is not None:
+        raise ClientError(
+            f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load the adapter "
+            "in place, set 'load_inplace' to True.",
+            "lora_name",
+            "adapter_exists",
+        )
     stored = ctx.put_adapter_folder(body.lora_name, folder)
     return adapter_object(stored, ctx.model_name)
 

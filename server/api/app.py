@@ -9,8 +9,8 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from plait.server.api import adapters, files, fine_tuning, fusions, generation
-from plait.server.api.context import ServerContext, get_context, require_api_key
+from plait.server.api import adapters, files, fine_tuning, fusions, generation, models
+from plait.server.api.context import ServerContext, get_context
 from plait.server.api.errors import BodyTooLarge, error_response, install_error_handlers
 from plait.server.api.schema import error_responses, install_openapi
 
@@ -81,32 +81,11 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
         path_limits["/v1/files"] = context.fine_tuning.files.max_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES, path_limits=path_limits)
     app.include_router(generation.router)
+    app.include_router(models.router)
     app.include_router(adapters.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(fusions.router)
-
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)], responses=error_responses(401))
-    def list_models(ctx: ServerContext = Depends(get_context)):
-        # A plain function: FastAPI runs it on a worker thread, as it reads the stores' files.
-        base = {
-            "id": ctx.model_name,
-            "object": "model",
-            "created": ctx.created,
-            "owned_by": "plait",
-            "root": ctx.model_name,
-            "parent": None,
-            "max_model_len": ctx.engine.max_model_len,
-        }
-        served = [
-            {**adapters.adapter_object(a, ctx.model_name), "object": "model", "root": ctx.model_name}
-            for a in ctx.store.list()
-        ]
-        fused = [
-            {**fusions.fusion_object(f, ctx.model_name), "object": "model", "root": ctx.model_name}
-            for f in ctx.fusions.list()
-        ]
-        return {"object": "list", "data": [base, *served, *fused]}
 
     @app.get("/health", responses=error_responses(503))
     async def health(ctx: ServerContext = Depends(get_context)):

@@ -21,6 +21,8 @@ from plait.server.adapters.fusions import FusionStore
 from plait.server.adapters.routers import RouterCache
 from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter
 from plait.server.adapters.uploads import files_from_folder
+from plait.server.api.chat_format import ChatFormat
+from plait.server.api.structured import Grammars
 from plait.server.engine import Engine
 from plait.server.errors import ClientError, Conflict, NotFound
 from plait.server.fine_tuning.service import FineTuning
@@ -41,15 +43,21 @@ class ServerContext:
     api_key: str | None = None
     admin_key: str | None = None
     default_max_tokens: int = 1024
+    max_n: int = 8  # choices one request may ask for
+    model_type: str | None = None  # the base model's config.model_type, which decides how tools are shown
     fine_tuning: FineTuning | None = None  # files and fine-tuning jobs (plait.server.fine_tuning)
     created: int = field(default_factory=lambda: int(time.time()))
     # Characters a single token can stand for, at most: a text longer than the context times
     # this cannot fit, which is found without tokenizing it.
     max_token_chars: int = field(init=False)
+    grammars: Grammars = field(init=False)
+    chat_format: ChatFormat = field(init=False)
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
+        self.grammars = Grammars(self.tokenizer, self.engine.vocab_size)
+        self.chat_format = ChatFormat(self.tokenizer, self.model_type)
 
     def stored_adapter(self, adapter_id: str) -> StoredAdapter:
         stored = self.store.get(adapter_id)

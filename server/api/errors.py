@@ -61,9 +61,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # needs the field's own path.
     loc = [p for p in loc if not (p[:1].isalpha() and ("[" in p or p in {"str", "int", "float", "bool"}))]
     param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+        return f"Unrecognized request argument supplied: {param}.", param
+    message = str(first.get("msg", "")).removeprefix("Value error, ")
     if param is None:
-        return f"Invalid request body: {first.get('msg')}.", None
-    return f"Invalid value for '{param}': {first.get('msg')}.", param
+        return f"Invalid request body: {message}.", None
+    return f"Invalid value for '{param}': {message}.", param
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -9,6 +9,8 @@ request that already resolved it.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from plait.server.adapters.fusions import Fusion
@@ -37,6 +39,22 @@ class Served:
         held, self.held = self.held, []
         for stored in held:
             self.store.release(stored.id, stored.version)
+
+    def release_after(self, count: int) -> Callable[[], None]:
+        """A callback that releases the holds on its `count`-th call: one per engine request
+        (choice) of this API request, each calling it once when it ends."""
+        remaining = count
+        lock = threading.Lock()
+
+        def finished() -> None:
+            nonlocal remaining
+            with lock:
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                self.release()
+
+        return finished
 
 
 def resolve(

@@ -2,16 +2,19 @@
 
 Text is only released once it is stable: not ending in a partial UTF-8 character, and not
 ending in something that may still grow into a stop string. A stop string itself is never
-sent to the client.
+sent to the client. Stop strings count only once more than `min_tokens` tokens are out, as
+in vLLM.
 """
 
 from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0):
         self.tokenizer = tokenizer
-        self.stop = tuple(s for s in stop if s)
+        self.all_stops = tuple(s for s in stop if s)
+        self.stop: tuple[str, ...] = ()  # the stop strings in force: none until past min_tokens
+        self.min_tokens = min_tokens
         self.token_ids: list[int] = []
         self.text = ""  # everything decoded so far
         self.sent = 0  # how many characters of `text` the client has
@@ -20,6 +23,8 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add a token; return the text newly safe to send (sets `stopped` on a stop string)."""
         self.token_ids.append(token_id)
+        if len(self.token_ids) > self.min_tokens:
+            self.stop = self.all_stops
         self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         cut = self._find_stop()
         if cut is not None:

@@ -34,12 +34,13 @@ import torch
 
 from plait.server.engine.adapter_slots import AdapterSlots, LoadAdapter, MergeAdapters, SlotKey
 from plait.server.engine.detokenizer import IncrementalDetokenizer
+from plait.server.engine.grammar import GrammarState
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
 from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
 from plait.server.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from plait.server.engine.routing import Router
-from plait.server.engine.sampler import sample
+from plait.server.engine.sampler import NonFiniteLogits, sample, top_logprobs
 from plait.server.engine.scheduler import Scheduler
 from plait.server.errors import ClientError
 from plait.server.metrics import Metrics
@@ -192,6 +193,7 @@ class Engine:
             self.kv_cache, config.max_batched_tokens, config.max_running, self._acquire_adapters, self._release_adapters
         )
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
+        self.vocab_size = model.get_output_embeddings().out_features  # the width of a row of logits
         self.metrics.kv_blocks_total.set(num_blocks)
 
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
@@ -260,18 +262,24 @@ class Engine:
                 "max_tokens",
                 "context_length_exceeded",
             )
+        if params.max_tokens < (0 if params.prompt_logprobs is not None else 1):
+            raise ClientError("max_tokens must be at least 1 (0 only to score the prompt).", "max_tokens")
+        if any(not 0 <= token_id < self.vocab_size for token_id, _ in params.logit_bias):
+            raise ClientError(f"logit_bias: token ids must lie in [0, {self.vocab_size}).", "logit_bias")
         if params.seed is not None and not _SEED_RANGE[0] <= params.seed <= _SEED_RANGE[1]:
             raise ClientError(f"seed must be from {_SEED_RANGE[0]} to {_SEED_RANGE[1]}.", "seed", "invalid_value")
         request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params, adapters=adapters)
         if router is not None:
             request.router, request.routed = router, torch.zeros(len(adapters))
+        if params.grammar is not None:
+            request.grammar = GrammarState(params.grammar, self.vocab_size)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         elif not params.greedy:
             request.generator = torch.Generator(device=self.device)
             request.generator.seed()
         outputs: asyncio.Queue = asyncio.Queue()
-        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
         stream = _Stream(request, detokenizer, asyncio.get_running_loop(), outputs, streaming, on_finish)
         with self._lock:  # counted last: nothing after this can refuse the request
             if not self._accepting:
@@ -363,21 +371,39 @@ class Engine:
     def _step(self, chunks: list[ScheduledChunk]) -> None:
         self.metrics.batch_tokens.observe(sum(c.num_new for c in chunks))
         try:
-            logits = self.runner.run(chunks)
+            step = self.runner.run(chunks)
         except Exception as exc:  # a failed step fails its requests, never the engine
             log.exception("forward pass failed")
             for c in chunks:
                 self._finish(self._streams[c.request.request_id], FinishReason.ERROR, error=str(exc))
             return
-        for c in chunks:
-            c.request.num_computed = c.stop
-        for c, row in zip([c for c in chunks if c.samples], logits, strict=True):
-            stream = self._streams[c.request.request_id]
+        for c, rows in zip(chunks, step.chunks, strict=True):
+            req = c.request
+            req.num_computed = c.stop
+            stream = self._streams[req.request_id]
             try:
-                self._accept_token(stream, sample(row, c.request))
-            except Exception as exc:  # this request's sampling or stop check failed: it ends alone
-                log.warning("request %s failed: %s", c.request.request_id, exc)
+                if rows.scored:
+                    self._score_prompt(req, rows.scored, step.logits[rows.scored_rows])
+                if rows.sample_row is None:
+                    continue
+                if req.params.max_tokens == 0:  # the prompt was only to be scored
+                    self._finish(stream, FinishReason.LENGTH)
+                else:
+                    self._accept_token(stream, sample(step.logits[rows.sample_row], req, self.stop_token_ids))
+            except Exception as exc:  # this request's scoring, sampling or stop check failed: it ends alone
+                log.warning("request %s failed: %s", req.request_id, exc)
                 self._finish(stream, FinishReason.ERROR, error=str(exc))
+
+    def _score_prompt(self, req: Request, positions: range, logits: torch.Tensor) -> None:
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits("the model's output for this prompt is not finite (NaN or infinity)")
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = [req.prompt_ids[p + 1] for p in positions]
+        chosen = logprobs[torch.arange(len(targets)), torch.tensor(targets)].tolist()
+        for i, (token_id, logprob) in enumerate(zip(targets, chosen, strict=True)):
+            req.prompt_logprobs.append(
+                TokenLogprob(token_id, logprob, top_logprobs(logprobs[i], req.params.prompt_logprobs))
+            )
 
     def _accept_token(self, stream: _Stream, token: TokenLogprob) -> None:
         req = stream.request
@@ -387,8 +413,11 @@ class Engine:
             self.metrics.time_to_first_token.observe(now - req.arrival)
         req.output_ids.append(token.token_id)
         self.metrics.generation_tokens.inc()
+        if req.grammar is not None:
+            req.grammar.accept(token.token_id)
         finish = None
-        if token.token_id in self.stop_token_ids and not req.params.ignore_eos:
+        ends_grammar = req.grammar is not None and req.grammar.finished
+        if ends_grammar or (token.token_id in self.stop_token_ids and not req.params.ignore_eos):
             finish, text = FinishReason.STOP, stream.detokenizer.flush()
         else:
             text = stream.detokenizer.push(token.token_id)
@@ -399,7 +428,9 @@ class Engine:
                 text += stream.detokenizer.flush()
         logprobs = (token,) if req.params.top_logprobs is not None else ()
         if finish is None:
-            stream.emit(RequestOutput(text, (token.token_id,), logprobs))
+            stream.emit(
+                RequestOutput(text, (token.token_id,), logprobs, prompt_logprobs=self._new_prompt_logprobs(req))
+            )
         else:
             self._finish(stream, finish, text=text, token_ids=(token.token_id,), logprobs=logprobs)
 
@@ -425,8 +456,18 @@ class Engine:
             len(req.output_ids),
             error,
             req.routing,
+            self._new_prompt_logprobs(req),
         )
         self._close(stream, output)
+
+    @staticmethod
+    def _new_prompt_logprobs(req: Request) -> tuple[TokenLogprob, ...] | None:
+        """The prompt's logprobs, on the first output once they are all there (once)."""
+        done = len(req.prompt_logprobs) == len(req.prompt_ids) - 1
+        if req.params.prompt_logprobs is None or req.prompt_logprobs_sent or not done:
+            return None
+        req.prompt_logprobs_sent = True
+        return tuple(req.prompt_logprobs)
 
     def _abandon(self, stream: _Stream, error: str, reason: FinishReason = FinishReason.ERROR) -> None:
         """End a request without touching the scheduler, whose state may be what failed."""

@@ -13,6 +13,21 @@ from plait.server.engine.request import Request
 
 
 @dataclass(frozen=True)
+class ChunkRows:
+    """Which rows of a step's logits belong to one chunk."""
+
+    scored: range  # positions p of the sequence whose logits score prompt token p + 1 (prompt logprobs)
+    scored_rows: slice  # their rows, in order
+    sample_row: int | None  # the row that picks the next token, if the chunk samples
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    logits: torch.Tensor  # float32 [rows, vocab]
+    chunks: list[ChunkRows]  # in the order of the scheduled chunks
+
+
+@dataclass(frozen=True)
 class ScheduledChunk:
     """Positions [start, stop) of `request`, computed this step."""
 
@@ -39,19 +54,31 @@ class ModelRunner:
         self.lora = lora
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits (float32) at the last new token of each chunk that samples, in chunk order."""
+    def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        """Logits (float32) at the last new token of each chunk that samples, and at every prompt
+        position still to be scored for requests that want prompt logprobs."""
         input_ids: list[int] = []
         positions: list[int] = []
         seq_chunks: list[SequenceChunk] = []
-        sample_at: list[int] = []
+        keep: list[int] = []
+        rows: list[ChunkRows] = []
         for c in chunks:
             offset = len(input_ids)
             input_ids += c.request.tokens(c.start, c.stop)
             positions += range(c.start, c.stop)
             seq_chunks.append(SequenceChunk(offset, c.start, c.stop, c.request.block_ids))
+            scored = range(0)
+            if c.request.params.prompt_logprobs is not None:
+                # Position p scores prompt token p + 1; positions scored before a preemption are not redone.
+                first = max(c.start, len(c.request.prompt_logprobs))
+                scored = range(first, max(first, min(c.stop, len(c.request.prompt_ids) - 1)))
+            scored_rows = slice(len(keep), len(keep) + len(scored))
+            keep += [offset + p - c.start for p in scored]
+            sample_row = None
             if c.samples:
-                sample_at.append(len(input_ids) - 1)
+                sample_row = len(keep)
+                keep.append(len(input_ids) - 1)
+            rows.append(ChunkRows(scored, scored_rows, sample_row))
         attention = build_attention_batch(seq_chunks, self.kv_cache, self.device)
         routed = []
         routes: dict[tuple, list[int]] = {}  # chunks of one router over the same slots share a route
@@ -68,7 +95,7 @@ class ModelRunner:
         out = self.model(
             input_ids=torch.tensor([input_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
-            logits_to_keep=torch.tensor(sample_at, dtype=torch.long, device=self.device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
             use_cache=False,
             plait_attention=attention,
         )
@@ -78,4 +105,4 @@ class ModelRunner:
             for i, totals in zip(segments, route.totals.split([chunks[i].num_new for i in segments]), strict=True):
                 if chunks[i].samples:
                     chunks[i].request.routed += totals[-1].cpu()
-        return out.logits[0].float()
+        return StepLogits(out.logits[0].float(), rows)

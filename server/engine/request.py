@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -18,17 +19,44 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int
+    """How to pick each token, in vLLM's terms (OpenAI's fields are a subset).
+
+    Logits are adjusted in this order: repetition penalty (prompt and output tokens), frequency
+    and presence penalties (output tokens), logit bias, the ban on stop tokens before
+    `min_tokens`, the grammar's mask; then temperature, top-k, min-p and top-p pick the token.
+    """
+
+    max_tokens: int  # 0 only with prompt_logprobs: score the prompt, generate nothing
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension
+    min_tokens: int = 0  # no stop token, nor stop string, before this many tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: Any = None  # a compiled grammar the output must follow (xgrammar's CompiledGrammar)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+            or self.grammar is not None
+        )
 
 
 class FinishReason(StrEnum):
@@ -57,6 +85,8 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     routing: tuple[float, ...] | None = None  # a routed fusion's average weight per member, at the end
+    # With prompt_logprobs, on the first output: for prompt tokens 1.. (the first has none).
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @classmethod
     def joined(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -71,6 +101,7 @@ class RequestOutput:
             last.completion_tokens,
             last.error,
             last.routing,
+            next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
         )
 
 
@@ -103,6 +134,11 @@ class Request:
     # Routing weights given to each adapter, summed over layers and over the tokens whose
     # logits chose this request's output tokens.
     routed: torch.Tensor | None = None
+    # With params.grammar: where the output stands in it (engine.grammar.GrammarState).
+    grammar: Any = None
+    # With params.prompt_logprobs: those found so far, for prompt tokens 1, 2, ... in order.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def routing(self) -> tuple[float, ...] | None:

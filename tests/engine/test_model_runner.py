@@ -53,7 +53,7 @@ def test_mixed_prefill_chunks_and_decodes_match_lone_runs(models):
         r.block_ids = kv.allocator.allocate(kv.blocks_needed(len(r.prompt_ids) + 4))
 
     def step(chunks):
-        logits = runner.run(chunks)
+        logits = runner.run(chunks).logits
         sampled = [c.request for c in chunks if c.samples]
         for c in chunks:
             c.request.num_computed = c.stop
