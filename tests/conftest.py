@@ -51,7 +51,7 @@ def tiny_llama(tokenizer):
 
     from plait.server.engine import ATTENTION_NAME
 
-    def make(hidden: int = 64, layers: int = 2, seed: int = 0):
+    def make(hidden: int = 64, layers: int = 2, seed: int = 0, attention: str = ATTENTION_NAME):
         torch.manual_seed(seed)
         config = LlamaConfig(
             hidden_size=hidden,
@@ -62,7 +62,7 @@ def tiny_llama(tokenizer):
             vocab_size=len(tokenizer),
             max_position_embeddings=1024,
         )
-        return LlamaForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
+        return LlamaForCausalLM._from_config(config, attn_implementation=attention).eval()
 
     return make
 

@@ -234,3 +234,67 @@ def test_a_failing_loop_ends_every_request_and_stops_taking_more(tokenizer, tiny
     assert not engine.accepting and "scheduler bug" in engine.failure
     with pytest.raises(EngineUnavailable):
         asyncio.run(_submit_only(engine, tokenizer))
+
+
+def test_prompt_logprobs_are_the_models_own_even_read_in_chunks(tokenizer, tiny_llama):
+    """Scoring a prompt (lm-eval's log-likelihoods): the logprob of each prompt token given the ones
+    before, as a plain forward pass of the same model gives them, with the prompt read 4 tokens a
+    step, and `max_tokens` 0 generating nothing."""
+    engine = Engine(tiny_llama(), tokenizer, EngineConfig(max_batched_tokens=4), torch.device("cpu"), Metrics())
+    runner = threading.Thread(target=engine.run, daemon=True)
+    runner.start()
+    _wait_for(lambda: engine.accepting)
+    prompt = tokenizer.encode("The capital of France is Paris, and that of Italy is Rome.")
+
+    async def go():
+        scored = engine.submit(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))
+        generated = engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0))
+        return await asyncio.gather(_final(scored), _final(generated))
+
+    try:
+        (scored, _), (generated, outputs) = asyncio.run(go())
+    finally:
+        engine.shutdown(drain_seconds=0)
+        runner.join(10)
+    with torch.inference_mode():
+        logits = tiny_llama(attention="sdpa")(torch.tensor([prompt])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+    assert scored.finish_reason is FinishReason.LENGTH and scored.token_ids == () and scored.completion_tokens == 0
+    assert [lp.token_id for lp in scored.prompt_logprobs] == prompt[1:]
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in scored.prompt_logprobs]), expected, atol=1e-4, rtol=0)
+    assert all(len(lp.top) == 2 for lp in scored.prompt_logprobs)
+    assert generated.prompt_logprobs == tuple(
+        lp.__class__(lp.token_id, lp.logprob, ()) for lp in scored.prompt_logprobs
+    )
+    assert len(generated.token_ids) == 2 and sum(o.prompt_logprobs is not None for o in outputs) == 1
+
+
+def test_a_grammar_holds_every_answer_in_a_mixed_batch(engine, tokenizer):
+    import json
+
+    import xgrammar as xgr
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+        "required": ["ok", "color"],
+        "additionalProperties": False,
+    }
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=engine.vocab_size)
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
+
+    async def go(seeds: range):  # three constrained and one free at a time (the engine's max_waiting is 4)
+        constrained = [
+            engine.submit(tokenizer.encode("Hi"), SamplingParams(max_tokens=40, seed=s, grammar=grammar)) for s in seeds
+        ]
+        free = engine.submit(tokenizer.encode("Hi"), _params(8, seed=seeds[0], temperature=1.0))
+        return await asyncio.gather(*(_final(h) for h in [*constrained, free]))
+
+    first, second = asyncio.run(go(range(3))), asyncio.run(go(range(3, 6)))
+    results = first[:3] + second[:3] + [first[3], second[3]]
+    for final, outputs in results[:6]:
+        text = "".join(o.text for o in outputs)
+        assert final.finish_reason is FinishReason.STOP, text
+        answer = json.loads(text)
+        assert set(answer) == {"ok", "color"} and isinstance(answer["ok"], bool) and answer["color"] in ("red", "green")
+    assert all(final.finish_reason is FinishReason.LENGTH for final, _ in results[6:])  # the free ones ran on
