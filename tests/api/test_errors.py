@@ -34,8 +34,8 @@ def assert_openai_error(response, status: int, param: str | None = "any") -> dic
         ({"messages": OK_MESSAGES, "max_tokens": -5}, "max_tokens"),
         ({"messages": OK_MESSAGES, "stream": "yes"}, "stream"),
         ({"messages": OK_MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"messages": OK_MESSAGES, "n": 2}, "n"),
-        ({"messages": OK_MESSAGES, "top_logprobs": 3}, None),
+        ({"messages": OK_MESSAGES, "n": 9}, "n"),
+        ({"messages": OK_MESSAGES, "top_logprobs": 3}, "top_logprobs"),
         ({"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ],
 )
