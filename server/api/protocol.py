@@ -76,10 +76,10 @@ class ToolCall(_Body):
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = None  # accepted; chat templates have no place for it, so the model does not see it
     tool_calls: list[ToolCall] | None = None  # on assistant messages
     tool_call_id: str | None = None  # on tool messages: the call this answers
-    refusal: str | None = None  # on assistant messages; not shown to the model
+    refusal: str | None = None  # on assistant messages: accepted, not shown to the model
 
     @model_validator(mode="after")
     def _fields_of_the_role(self) -> ChatMessage:
@@ -181,10 +181,11 @@ class Combination(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk
 
 
-class _Sampling(_Body):
+class GenerationRequest(_Body):
+    """The fields chat and completion requests share."""
+
     model: str | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
@@ -268,7 +269,7 @@ class _Sampling(_Body):
         return present[0] if present else None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -340,7 +341,7 @@ class ChatCompletionRequest(_Sampling):
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(GenerationRequest):
     # One prompt, or several (each gets n choices, in order): text, or token ids.
     prompt: (
         str

@@ -17,7 +17,7 @@ from typing import Any
 
 import xgrammar as xgr
 
-from plait.server.api.protocol import ChatCompletionRequest, ResponseFormat, _Sampling
+from plait.server.api.protocol import ChatCompletionRequest, GenerationRequest, ResponseFormat
 from plait.server.errors import ClientError
 
 _ANY_OBJECT = {"type": "object"}
@@ -29,7 +29,7 @@ class Grammars:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(info)
 
-    def for_request(self, body: _Sampling) -> xgr.CompiledGrammar | None:
+    def for_request(self, body: GenerationRequest) -> xgr.CompiledGrammar | None:
         """The grammar `response_format` or `structured_outputs` / `guided_*` ask for, if any.
         Tool calls have their own (`tools.ToolCalling.grammar`). Blocking: call it off the event loop."""
         if isinstance(body, ChatCompletionRequest) and body.response_format is not None:
