@@ -18,11 +18,13 @@ from plait.server.adapters.merge import merge_adapters
 from plait.server.adapters.routers import RouterCache
 from plait.server.adapters.store import AdapterStore, validate_adapter_id
 from plait.server.base_model import (
+    CPU_WEIGHTS,
     ModelLoadError,
     default_data_dir,
     default_device,
     load_nf4_model,
     load_tokenizer,
+    prepare_cpu_weights,
     resolve_model,
 )
 from plait.server.engine import ATTENTION_NAME, Engine, EngineConfig, LoRAConfig
@@ -45,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype of the NF4 layers")
+    p.add_argument(
+        "--cpu-weights",
+        choices=CPU_WEIGHTS,
+        default="auto",
+        help="on the CPU: keep NF4 weights dequantized in the compute dtype too, for speed (auto: when memory "
+        "allows, using bitsandbytes' own kernel for steps of a few tokens where it has a fast one)",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("PLAIT_API_KEY"),
@@ -121,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         log.info("loading %s from %s on %s (NF4, %s compute)", spec.name, spec.path, device, args.dtype)
         tokenizer = load_tokenizer(spec)
         model = load_nf4_model(spec, device, _DTYPES[args.dtype], attn_implementation=ATTENTION_NAME)
+        weights = prepare_cpu_weights(model, args.cpu_weights)
+        log.info(
+            "CPU weights: %s", {"nf4": "NF4", "dequantized": "dequantized", "both": "NF4 and dequantized"}[weights]
+        )
     except (ModelLoadError, RuntimeError) as exc:
         return _fail(str(exc).splitlines()[0])
 
