@@ -181,8 +181,9 @@ NF4_KERNEL_MAX_TOKENS = 8
 class DequantizedLinear(torch.nn.Linear):
     """An NF4 layer's weights kept dequantized in the compute dtype: exactly the NF4 values.
 
-    With `nf4` (the original bitsandbytes layer) kept too, calls of at most
-    `NF4_KERNEL_MAX_TOKENS` tokens go to it instead.
+    With the original bitsandbytes layer kept too (`nf4_forward`), calls of at most
+    `NF4_KERNEL_MAX_TOKENS` tokens go to it instead. It is kept as a bound method rather than a
+    submodule, so the model still has one linear layer here (what LoRA and PEFT look for).
     """
 
     def __init__(self, layer, dtype: torch.dtype, keep_nf4: bool):
@@ -193,11 +194,11 @@ class DequantizedLinear(torch.nn.Linear):
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         if layer.bias is not None:
             self.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
-        self.nf4 = layer if keep_nf4 else None
+        self.nf4_forward = layer.forward if keep_nf4 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.nf4 is not None and x.numel() <= NF4_KERNEL_MAX_TOKENS * self.in_features:
-            return self.nf4(x)
+        if self.nf4_forward is not None and x.numel() <= NF4_KERNEL_MAX_TOKENS * self.in_features:
+            return self.nf4_forward(x)
         return super().forward(x)
 
 

@@ -23,7 +23,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from plait.server.base_model import load_nf4_model, load_tokenizer, resolve_model
 
-LOGPROB_MAX_ATOL = 0.3
+# Logprobs of the chosen tokens, server against PEFT on the same NF4 base (see test_lora_engine.py
+# for the kernels' own noise). The server also keeps the NF4 weights dequantized on the CPU and
+# runs steps of more than a few tokens as dense bf16 matmuls (server/base_model.py), which add up
+# in another order than bitsandbytes' kernel that PEFT runs: measured up to 0.31 on one token.
+LOGPROB_MAX_ATOL = 0.4
 LOGPROB_MEAN_ATOL = 0.1
 ADMIN = {"Authorization": "Bearer admin-secret"}
 ADAPTERS = {

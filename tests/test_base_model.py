@@ -1,0 +1,58 @@
+"""The base model on the CPU: NF4 weights kept dequantized are exactly the NF4 values, and the
+model computes what the NF4 model computes."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from plait.server import base_model
+from plait.server.base_model import DequantizedLinear, load_nf4_model, prepare_cpu_weights, resolve_model
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return resolve_model(None)
+
+
+def _nf4_layers(model) -> dict[str, bnb.nn.Linear4bit]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_dequantized_weights_are_the_nf4_values_and_answer_alike(spec):
+    nf4 = load_nf4_model(spec, torch.device("cpu"))
+    dense = load_nf4_model(spec, torch.device("cpu"))
+    layers = _nf4_layers(dense)
+    expected = {
+        n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(torch.bfloat16)
+        for n, m in layers.items()
+    }
+    assert prepare_cpu_weights(dense, "dequantized") == "dequantized"
+    assert not _nf4_layers(dense)
+    for name, weight in expected.items():
+        layer = dense.get_submodule(name)
+        assert isinstance(layer, DequantizedLinear) and layer.nf4_forward is None
+        assert torch.equal(layer.weight, weight)
+    ids = torch.tensor([[504, 3458, 282, 4649, 314, 7042, 30, 198, 504, 966, 282, 260, 1517, 314]])
+    with torch.inference_mode():
+        a, b = torch.log_softmax(nf4(ids).logits.float(), -1), torch.log_softmax(dense(ids).logits.float(), -1)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # The same distributions, but for bf16 kernels that add up in another order.
+    kl = (a.exp() * (a - b)).sum(-1)
+    assert kl.max() < 0.02, kl
+
+
+def test_auto_keeps_both_where_bitsandbytes_has_a_fast_kernel_and_only_if_memory_allows(spec, monkeypatch):
+    model = load_nf4_model(spec, torch.device("cpu"))
+    monkeypatch.setattr(base_model, "_available_memory", lambda: 1 << 20)  # 1 MiB free: too little
+    assert prepare_cpu_weights(model, "auto") == "nf4" and _nf4_layers(model)
+    monkeypatch.undo()
+    fast_kernel = bool(bnb.functional.has_avx512bf16())
+    assert prepare_cpu_weights(model, "auto") == ("both" if fast_kernel else "dequantized")
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert (layer.nf4_forward is not None) == fast_kernel
+    assert not [n for n, m in model.named_modules() if n.startswith("model.layers.0.mlp.down_proj.")]
+    assert prepare_cpu_weights(load_nf4_model(spec, torch.device("cpu")), "nf4") == "nf4"
+    with pytest.raises(ValueError):
+        prepare_cpu_weights(model, "fast")
