@@ -144,6 +144,31 @@ def test_earliest_of_several_stops_wins(tokenizer):
     assert "".join(deltas) == "one "
 
 
+def test_each_token_decodes_a_window_of_constant_size(tokenizer):
+    """A long output costs the same per token at its end as at its start: count the tokens the
+    detokenizer hands the tokenizer on each push (decoding the whole output would hand it all)."""
+
+    class Counting:
+        def __init__(self) -> None:
+            self.decoded: list[int] = []
+
+        def decode(self, ids, **kwargs) -> str:
+            self.decoded[-1] += len(ids)
+            return tokenizer.decode(ids, **kwargs)
+
+    text = "Héllo wörld — naïve café 東京 🙂 done. " * 60
+    counting = Counting()
+    detok = IncrementalDetokenizer(counting, ("never appears",))
+    deltas = []
+    for token in tokenizer.encode(text):
+        counting.decoded.append(0)
+        deltas.append(detok.push(token))
+    deltas.append(detok.flush())
+    assert "".join(deltas) == text
+    assert len(counting.decoded) > 1000
+    assert max(counting.decoded) <= 16  # a few tokens of window, twice, at most: not the output so far
+
+
 class _Layers:
     """What AdapterSlots needs of LoRALayers: slots to load into."""
 
