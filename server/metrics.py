@@ -18,6 +18,13 @@ class Metrics:
         self.prompt_tokens = Counter("plait_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("plait_generation_tokens", "Tokens generated", registry=r)
         self.preemptions = Counter("plait_preemptions", "Sequences preempted for KV space", registry=r)
+        # vLLM's names, which its dashboards and the inference gateway read.
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r
+        )
         self.time_to_first_token = Histogram(
             "plait_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -99,6 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens in one forward pass (prompts are read in chunks of this)",
     )
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, capped by the KV pool)")
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="do not reuse the keys and values of prompts that start alike",
+    )
     p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
     p.add_argument("--max-n", type=int, default=8, help="choices one request may ask for (n)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
@@ -147,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         max_running=args.max_running,
         max_waiting=args.max_waiting,
         max_model_len=args.max_model_len,
+        prefix_caching=args.prefix_caching,
     )
     metrics = Metrics()
     targets = base_lora_targets(model)  # before the engine wraps those layers

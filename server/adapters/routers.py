@@ -44,18 +44,21 @@ class Gate:
 
 
 class Router:
-    def __init__(self, kind: str, gates: Mapping[str, Gate], top_k: int, temperature: float = 1.0):
+    def __init__(
+        self, kind: str, gates: Mapping[str, Gate], top_k: int, temperature: float = 1.0, identity: tuple | None = None
+    ):
         self.kind = kind
         self.gates = dict(gates)
         self.top_k = top_k
         self.temperature = temperature
+        self.identity = identity  # what it was built from, stably (see plait.server.engine.Router)
 
     def to(self, device: torch.device) -> Router:
         moved = {
             path: Gate(g.rows.to(device), None if g.bias is None else g.bias.to(device), g.present.to(device))
             for path, g in self.gates.items()
         }
-        return Router(self.kind, moved, self.top_k, self.temperature)
+        return Router(self.kind, moved, self.top_k, self.temperature, self.identity)
 
     def weights(self, path: str, x: torch.Tensor) -> torch.Tensor | None:
         """float32 [tokens, members] routing weights of the rows of `x` at module `path`
@@ -150,6 +153,7 @@ class RouterCache:
             tensors = safetensors.torch.load_file(fusion.router_file)
             router = learned_router(tensors, members, fusion.top_k, fusion.temperature)
         router = router.to(self._device)
+        router.identity = key
         with self._lock:
             if self._forgets == forgets:
                 self._routers[key] = router

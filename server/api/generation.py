@@ -99,7 +99,7 @@ async def _generate(
                         finished()  # the choices never submitted count as ended
                     raise
                 parser = ToolCallParser() if tools else None
-                choices.append((Choice(p * body.n + j, prompt.echo, parser), handle))
+                choices.append((Choice(p * body.n + j, prompt.echo, parser, first_of_prompt=j == 0), handle))
     except BaseException:
         served.release()  # when nothing was submitted; otherwise the last choice to end releases
         for _, handle in choices:

@@ -36,6 +36,7 @@ class Choice:
     outputs: list[RequestOutput] = field(default_factory=list)
     offset: int = 0  # where the next token's text starts (completions' text_offset, streamed)
     started: bool = False
+    first_of_prompt: bool = True  # the first of its prompt's n choices
 
     @property
     def final(self) -> RequestOutput:
@@ -70,11 +71,16 @@ class AnswerFormat:
 
     @staticmethod
     def usage(choices: list[Choice], prompt_tokens: int) -> dict:
-        completion = sum(c.final.completion_tokens for c in choices if c.outputs)
+        """OpenAI's usage; `cached_tokens` counts prompt tokens found in the prefix cache (for each
+        prompt, its first choice's)."""
+        ended = [c for c in choices if c.outputs]
+        completion = sum(c.final.completion_tokens for c in ended)
+        cached = sum(c.final.cached_tokens for c in ended if c.first_of_prompt)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def usage_chunk(self, choices: list[Choice], prompt_tokens: int) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import queue
@@ -58,6 +59,7 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 256
     max_model_len: int | None = None  # default: the model's own limit, capped by the KV pool
+    prefix_caching: bool = True  # share the keys and values of prompts' common starts (see kv_cache)
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,12 @@ class Engine:
             )
         self.runner = ModelRunner(model, self.kv_cache, device, layers)
         self.scheduler = Scheduler(
-            self.kv_cache, config.max_batched_tokens, config.max_running, self._acquire_adapters, self._release_adapters
+            self.kv_cache,
+            config.max_batched_tokens,
+            config.max_running,
+            self._acquire_adapters,
+            self._release_adapters,
+            prefix_caching=config.prefix_caching,
         )
         self.stop_token_ids = _stop_token_ids(model, tokenizer)
         self.vocab_size = model.get_output_embeddings().out_features  # the width of a row of logits
@@ -269,6 +276,7 @@ class Engine:
         if params.seed is not None and not _SEED_RANGE[0] <= params.seed <= _SEED_RANGE[1]:
             raise ClientError(f"seed must be from {_SEED_RANGE[0]} to {_SEED_RANGE[1]}.", "seed", "invalid_value")
         request = Request(f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", list(prompt_ids), params, adapters=adapters)
+        request.cache_salt = _cache_salt(adapters, router)
         if router is not None:
             request.router, request.routed = router, torch.zeros(len(adapters))
         if params.grammar is not None:
@@ -318,9 +326,11 @@ class Engine:
             self._read_inbox(block=idle)
             if self._stopping:
                 break
-            preempted_before = self.scheduler.num_preemptions
+            before = (self.scheduler.num_preemptions, self.scheduler.prefix_queries, self.scheduler.prefix_hits)
             chunks = self.scheduler.schedule()
-            self.metrics.preemptions.inc(self.scheduler.num_preemptions - preempted_before)
+            self.metrics.preemptions.inc(self.scheduler.num_preemptions - before[0])
+            self.metrics.prefix_cache_queries.inc(self.scheduler.prefix_queries - before[1])
+            self.metrics.prefix_cache_hits.inc(self.scheduler.prefix_hits - before[2])
             if chunks:
                 self._step(chunks)
             idle = not chunks
@@ -379,7 +389,7 @@ class Engine:
             return
         for c, rows in zip(chunks, step.chunks, strict=True):
             req = c.request
-            req.num_computed = c.stop
+            self.scheduler.computed(req, c.stop)
             stream = self._streams[req.request_id]
             try:
                 if rows.scored:
@@ -457,6 +467,7 @@ class Engine:
             error,
             req.routing,
             self._new_prompt_logprobs(req),
+            req.cached_tokens or 0,
         )
         self._close(stream, output)
 
@@ -548,6 +559,17 @@ class RequestHandle:
             self.engine.abort(self.request_id)
 
     __del__ = close
+
+
+def _cache_salt(adapters: tuple[tuple[SlotKey, float], ...], router: Router | None) -> bytes | None:
+    """What besides its tokens shapes a request's keys and values: its adapters and weights, and a
+    routed fusion's router. None (nothing shared) for a router that cannot say what it is."""
+    identity = None
+    if router is not None:
+        identity = getattr(router, "identity", None)
+        if identity is None:
+            return None
+    return hashlib.sha256(repr((adapters, identity)).encode()).digest()
 
 
 def _stop_token_ids(model, tokenizer) -> frozenset[int]:

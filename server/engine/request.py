@@ -87,6 +87,7 @@ class RequestOutput:
     routing: tuple[float, ...] | None = None  # a routed fusion's average weight per member, at the end
     # With prompt_logprobs, on the first output: for prompt tokens 1.. (the first has none).
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @classmethod
     def joined(cls, outputs: list[RequestOutput]) -> RequestOutput:
@@ -102,6 +103,7 @@ class RequestOutput:
             last.error,
             last.routing,
             next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None),
+            last.cached_tokens,
         )
 
 
@@ -139,6 +141,13 @@ class Request:
     # With params.prompt_logprobs: those found so far, for prompt tokens 1, 2, ... in order.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    # Prefix caching (see kv_cache): what besides the tokens shaped this request's keys and
+    # values (None: its blocks are neither looked up nor shared), the hashes of its full blocks
+    # so far, how many of its blocks are in the cache, and how many prompt tokens it found there.
+    cache_salt: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_blocks_cached: int = 0
+    cached_tokens: int | None = None
 
     @property
     def routing(self) -> tuple[float, ...] | None:

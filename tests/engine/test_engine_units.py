@@ -14,13 +14,13 @@ from plait.server.base_model import resolve_model
 from plait.server.engine import AdapterKey
 from plait.server.engine.adapter_slots import AdapterSlots
 from plait.server.engine.detokenizer import IncrementalDetokenizer
-from plait.server.engine.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from plait.server.engine.kv_cache import BlockPool, OutOfBlocks, PagedKVCache, block_hashes
 from plait.server.engine.request import Request, SamplingParams
 from plait.server.engine.scheduler import Scheduler
 
 
-def test_block_allocator_hands_out_each_block_once():
-    alloc = BlockAllocator(8)
+def test_block_pool_hands_out_each_block_once():
+    alloc = BlockPool(8)
     a, b = alloc.allocate(3), alloc.allocate(5)
     assert sorted(a + b) == list(range(8)) and alloc.num_free == 0
     with pytest.raises(OutOfBlocks):
