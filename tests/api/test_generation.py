@@ -147,3 +147,19 @@ def test_health_and_metrics(server, client):
         "plait_generation_tokens_total",
     ):
         assert name in metrics
+
+
+def test_a_shared_system_prompt_is_read_once_and_reported_cached(client, server):
+    system = {"role": "system", "content": "You answer in one short sentence, politely and precisely. " * 8}
+    hits_before = server.metric("vllm:prefix_cache_hits_total")
+    first = client.chat.completions.create(
+        model=server.model, messages=[system, {"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+    )
+    second = client.chat.completions.create(
+        model=server.model, messages=[system, {"role": "user", "content": "Hello"}], max_tokens=3, temperature=0
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < cached < second.usage.prompt_tokens and cached % 16 == 0
+    assert server.metric("vllm:prefix_cache_hits_total") - hits_before == cached
+    assert server.metric("vllm:prefix_cache_queries_total") >= first.usage.prompt_tokens + second.usage.prompt_tokens

@@ -298,3 +298,70 @@ def test_a_grammar_holds_every_answer_in_a_mixed_batch(engine, tokenizer):
         answer = json.loads(text)
         assert set(answer) == {"ok", "color"} and isinstance(answer["ok"], bool) and answer["color"] in ("red", "green")
     assert all(final.finish_reason is FinishReason.LENGTH for final, _ in results[6:])  # the free ones ran on
+
+
+def _run_engine(tokenizer, tiny_llama, prefix_caching: bool, jobs, kv_cache_tokens: int = 2048):
+    """Run `jobs` (lists of (prompt ids, adapter key or None) submitted together, one list after
+    another) on a fresh engine; the final output of each job, in order."""
+    model = tiny_llama()
+    adapters = Adapters(base_lora_targets(model))
+    config = EngineConfig(kv_cache_tokens=kv_cache_tokens, max_batched_tokens=64, prefix_caching=prefix_caching)
+    lora = LoRAConfig(targets=adapters.targets, load=adapters.load, max_device_adapters=2, max_rank=RANK)
+    engine = Engine(model, tokenizer, config, torch.device("cpu"), Metrics(), lora)
+    runner = threading.Thread(target=engine.run, daemon=True)
+    runner.start()
+    _wait_for(lambda: engine.accepting)
+
+    async def wave(batch):
+        handles = [
+            engine.submit(ids, _params(12, top_logprobs=0), adapters=((key, 1.0),) if key else ())
+            for ids, key in batch
+        ]
+        return [final for final, _ in await asyncio.gather(*(_final(h) for h in handles))]
+
+    try:
+        results = [final for batch in jobs for final in asyncio.run(wave(batch))]
+    finally:
+        engine.shutdown(drain_seconds=0)
+        runner.join(10)
+    return results, engine
+
+
+def test_cached_prefixes_answer_as_computed_ones(tokenizer, tiny_llama):
+    """The same greedy tokens and logprobs with and without the cache: for the base, for an
+    adapter, across an adapter replacement (a new version never reuses the old one's blocks),
+    and with a pool small enough that sequences are preempted and recomputed."""
+    system = tokenizer.encode("You are a careful assistant. " * 12)
+    asks = [tokenizer.encode(f" Question {i}: what comes next?") for i in range(4)]
+    v1, v2 = AdapterKey("skill", 1), AdapterKey("skill", 2)
+    jobs = [
+        [(system + asks[0], None)],
+        [(system + asks[1], None), (system + asks[2], None)],
+        [(system + asks[0], v1)],
+        [(system + asks[1], v1), (system + asks[3], None)],
+        [(system + asks[2], v2)],
+    ]
+    cached, engine = _run_engine(tokenizer, tiny_llama, True, jobs)
+    plain, _ = _run_engine(tokenizer, tiny_llama, False, jobs)
+    for got, expected in zip(cached, plain, strict=True):
+        assert got.token_ids == expected.token_ids
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in got.logprobs]),
+            torch.tensor([lp.logprob for lp in expected.logprobs]),
+            atol=1e-4,
+            rtol=0,
+        )
+    full_blocks = len(system) // 16 * 16
+    assert [c.cached_tokens for c in cached] == [0, full_blocks, full_blocks, 0, full_blocks, full_blocks, 0]
+    assert all(p.cached_tokens == 0 for p in plain)
+    hits = engine.metrics.registry.get_sample_value("vllm:prefix_cache_hits_total")
+    assert hits == 4 * full_blocks
+
+    # A pool of 12 blocks for four sequences of about 100 tokens each that grow: preempted, and
+    # recomputed from what they left in the cache.
+    stories = [tokenizer.encode(f"Story {i}: " + "once upon a time there was a cat. " * 10) for i in range(4)]
+    crowded = [[(story, None) for story in stories], [(story, v1) for story in stories]]
+    tight, tight_engine = _run_engine(tokenizer, tiny_llama, True, crowded, kv_cache_tokens=12 * 16)
+    roomy, _ = _run_engine(tokenizer, tiny_llama, False, crowded)
+    assert tight_engine.metrics.registry.get_sample_value("plait_preemptions_total") > 0
+    assert [t.token_ids for t in tight] == [r.token_ids for r in roomy]

@@ -29,6 +29,46 @@ def test_block_pool_hands_out_each_block_once():
     assert sorted(alloc.allocate(3)) == sorted(a)
 
 
+def test_cached_blocks_are_shared_counted_and_given_back_least_recent_first():
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    hashes = block_hashes(list(range(8)), b"salt", 4, [])
+    for block, h in zip(a, hashes, strict=True):
+        pool.cache(block, h)
+    assert pool.cached_prefix(hashes) == a and pool.num_free == 2  # shared: still two in use
+    pool.free(a)
+    pool.free(a)
+    assert pool.num_free == 4
+    assert pool.cached_prefix(hashes[:1]) == a[:1]  # freed, but the contents are still there
+    pool.free(a[:1])
+    others = pool.allocate(3)  # takes the never-used blocks first, then the least recently freed
+    assert a[1] in others and a[0] not in others
+    assert pool.cached_prefix(hashes) == a[:1]  # block a[1] was reused for other contents
+    assert block_hashes(list(range(8)), b"other salt", 4, []) != hashes
+    assert block_hashes(list(range(9)), b"salt", 4, hashes[:1]) == hashes  # extends, ignores the partial block
+
+
+def test_a_prompt_that_starts_like_a_computed_one_takes_its_blocks():
+    kv = _kv(16)
+    sched = Scheduler(kv, max_batched_tokens=64, max_running=4)
+    first = _request("first", 10)
+    first.cache_salt = second_salt = b"base"
+    sched.add(first)
+    (chunk,) = sched.schedule()
+    sched.computed(first, chunk.stop)
+    second = _request("second", 11)
+    second.cache_salt = second_salt
+    sched.add(second)
+    chunks = sched.schedule()
+    assert [c.request.request_id for c in chunks] == ["first", "second"]
+    assert chunks[1].start == 8 and second.block_ids[:2] == first.block_ids[:2] and second.cached_tokens == 8
+    assert (sched.prefix_queries, sched.prefix_hits) == (10 + 11, 8)
+    other = _request("other", 11)
+    other.cache_salt = b"an adapter"
+    sched.add(other)
+    assert sched.schedule()[-1].start == 0 and other.cached_tokens == 0
+
+
 def _kv(num_blocks: int, block_size: int = 4) -> PagedKVCache:
     return PagedKVCache(1, num_blocks, block_size, 1, 2, torch.float32, torch.device("cpu"))
 
