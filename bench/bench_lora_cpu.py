@@ -29,7 +29,7 @@ from bench_adapters import RANKS, make_adapters  # this folder is on sys.path wh
 from bench_serving import machine
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
-from plait.server.base_model import default_device, load_nf4_model, resolve_model
+from plait.server.base_model import default_device, load_nf4_model, prepare_cpu_weights, resolve_model
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
 from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
@@ -69,6 +69,7 @@ def main() -> None:
 
     device = default_device()
     model = load_nf4_model(resolve_model(None), device)
+    prepare_cpu_weights(model)  # as the server does
     targets = base_lora_targets(model)
     mc = model.config
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
@@ -88,9 +89,10 @@ def main() -> None:
     runner = ModelRunner(model, kv, device, layers)
     mb = (
         sum(
-            r * (m.pool.in_features + m.pool.total_out) * m.pool.a.element_size()
-            for m in layers.modules.values()
-            for r in m.pool.ranks[0].tolist()
+            r * (unit.pool.in_features + out) * unit.pool.a.element_size()
+            for unit in layers.units
+            for ranks, out in zip(unit.pool.ranks.tolist(), unit.pool.out_features, strict=True)
+            for r in ranks
         )
         / SLOTS
         / 1e6

@@ -1,10 +1,16 @@
 """LoRA in the engine: every target linear layer adds, per token, the deltas of its adapters.
 
-Each target module of the base (q/k/v/o and gate/up/down in every decoder layer) is wrapped
-in a `LoRALinear` that owns a device pool of adapter weights indexed by slot. Which slots a
-token uses arrives once per step as a `LoRABatch` (segment metadata) that every layer reads,
-so a batch mixing many adapters, weighted combinations of them and the bare base model is
-still one forward pass, with one kernel call per layer.
+Target modules that read the same input are fused: in each decoder layer, q/k/v is one unit and
+gate/up another (o and down stay alone), so a layer makes 4 LoRA calls instead of 7, and each
+fused call shrinks x once for all its slices (see `plait.kernels`, "slices"). A unit owns a
+device pool of adapter weights indexed by slot, with one slice per module. The model still
+calls each module on its own (transformers' attention calls q_proj, then k_proj, then v_proj
+on the same hidden states): the first call of a unit with a new input computes every slice's
+base output and delta at once, and the others take their columns of it.
+
+Which slots a token uses arrives once per step as a `LoRABatch` (segment metadata) that every
+unit reads, so a batch mixing many adapters, weighted combinations of them and the bare base
+model is still one forward pass, with one kernel call per unit.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from torch import nn
 from plait.kernels import LoRABatch, LoRAPool, SlotSpec, add_lora, lora_expand, lora_shrink, make_lora_batch
 from plait.server.engine.routing import Router
 
+# Modules of one decoder layer that read the same input, fused into one LoRA call.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 class LoRAStep:
-    """The current step's segment metadata, shared by every `LoRALinear` of one model."""
+    """The current step's segment metadata, shared by every unit of one model."""
 
     def __init__(self) -> None:
         self.batch: LoRABatch | None = None
@@ -30,9 +39,10 @@ class LoRAStep:
 class RoutedRows:
     """The tokens one router weighs this step: rows of x that use the same routed adapters.
 
-    Their segments name every member's slot with weight 1; each layer then scales the
-    members' low-rank activations per token by the router's weights before expanding, so
-    routing needs no kernel of its own. The weights are summed per token for the report.
+    Their segments name every member's slot with weight 1; each unit then scales the members'
+    low-rank activations per token and slice by the router's weights for that slice's module
+    before expanding, so routing needs no kernel of its own. The weights are summed per token
+    for the report.
     """
 
     def __init__(self, router: Router, rows: torch.Tensor, positions: torch.Tensor, members: torch.Tensor):
@@ -42,39 +52,89 @@ class RoutedRows:
         self.members = members  # each member's index among its group's (slot, weight) pairs
         self.totals = torch.zeros(len(rows), len(members), device=rows.device)
 
-    def apply(self, path: str, x: torch.Tensor, v: torch.Tensor) -> None:
-        weights = self.router.weights(path, x[self.rows])
-        if weights is None:  # no member adapts this layer
-            return
-        v[self.positions[:, None], self.members] *= weights[:, :, None, None]
-        self.totals += weights
+    def apply(self, paths: Sequence[str], x: torch.Tensor, v: torch.Tensor) -> None:
+        for s, path in enumerate(paths):
+            weights = self.router.weights(path, x[self.rows])
+            if weights is None:  # no member adapts this module
+                continue
+            v[self.positions[:, None], self.members, s] *= weights[:, :, None]
+            self.totals += weights
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, pool: LoRAPool, step: LoRAStep, path: str):
+class LoRAUnit(nn.Module):
+    """One or several base projections of the same input, with their LoRA deltas (one slice each)."""
+
+    def __init__(self, bases: Sequence[nn.Module], paths: Sequence[str], pool: LoRAPool, step: LoRAStep):
         super().__init__()
-        self.base = base
+        self.bases = nn.ModuleList(bases)
+        self.paths = tuple(paths)  # the base modules' paths, which routers key their gates by
         self.pool = pool
         self.step = step
-        self.path = path  # the base module's path, which routers key their gates by
+        self.columns = list(itertools.pairwise(itertools.accumulate(pool.out_features, initial=0)))
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Every slice's base output plus delta for input `x`, side by side ([..., total_out])."""
+        if x is self._input:
+            return self._output
+        outputs = [base(x) for base in self.bases]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         batch = self.step.batch
         if batch is not None and batch.num_groups:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            delta = y2 if y2.dtype == self.pool.a.dtype else torch.zeros_like(y2, dtype=self.pool.a.dtype)
+            x2 = x2.to(self.pool.a.dtype)
             if self.step.routes:
                 v = lora_shrink(x2, self.pool, batch)
                 for route in self.step.routes:
-                    route.apply(self.path, x2, v)
-                lora_expand(y2, v, self.pool, batch)
+                    route.apply(self.paths, x2, v)
+                lora_expand(delta, v, self.pool, batch)
             else:
-                add_lora(y2, x2, self.pool, batch)
+                add_lora(delta, x2, self.pool, batch)
+            if delta is not y2:
+                y2 += delta
+        # Kept for the unit's other modules, which the model calls next with the same x; holding
+        # x also keeps its identity from being reused while the entry lives.
+        self._input, self._output = (x, y) if len(self.bases) > 1 else (None, None)
         return y
+
+    def load(self, slot: int, modules: dict) -> None:
+        """Put an adapter's weights for these modules (path -> weights with a, b, scale) into `slot`;
+        a module it does not target contributes nothing for that slot."""
+        weights = [modules.get(path) for path in self.paths]
+        if all(w is None for w in weights):
+            self.pool.clear(slot)
+            return
+        device = self.pool.a.device
+        self.pool.load(
+            slot,
+            [None if w is None else w.a.to(device) for w in weights],
+            [None if w is None else w.b.to(device) for w in weights],
+            [0.0 if w is None else w.scale for w in weights],
+        )
+
+
+class LoRAProjection(nn.Module):
+    """Stands in the model for one base projection: its columns of its unit's output."""
+
+    def __init__(self, unit: LoRAUnit, index: int):
+        super().__init__()
+        self.unit = unit
+        self.index = index
+        self.in_features = unit.pool.in_features
+        self.out_features = unit.pool.out_features[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.unit.output(x)
+        if len(self.unit.columns) == 1:
+            return y
+        lo, hi = self.unit.columns[self.index]
+        return y[..., lo:hi]
 
 
 class LoRALayers:
-    """The model's LoRA-wrapped modules and their slot pools."""
+    """The model's LoRA units and their slot pools."""
 
     def __init__(
         self,
@@ -89,24 +149,27 @@ class LoRALayers:
         self.device = device
         self.num_slots = num_slots
         self.max_rank = max_rank
-        self.modules: dict[str, LoRALinear] = {}
-        for path, (in_features, out_features) in targets.items():
-            parent_path, _, name = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            pool = LoRAPool.create(num_slots, in_features, out_features, max_rank, dtype=dtype, device=device)
-            wrapped = LoRALinear(getattr(parent, name), pool, self.step, path)
-            setattr(parent, name, wrapped)
-            self.modules[path] = wrapped
+        self.units: list[LoRAUnit] = []
+        for paths in _units(targets):
+            parents = [model.get_submodule(p.rpartition(".")[0]) for p in paths]
+            names = [p.rpartition(".")[2] for p in paths]
+            in_features = targets[paths[0]][0]
+            outs = [targets[p][1] for p in paths]
+            pool = LoRAPool.create(
+                num_slots, in_features, outs, max_rank, dtype=_pool_dtype(dtype, device), device=device
+            )
+            unit = LoRAUnit(
+                [getattr(parent, name) for parent, name in zip(parents, names, strict=True)], paths, pool, self.step
+            )
+            for index, (parent, name) in enumerate(zip(parents, names, strict=True)):
+                setattr(parent, name, LoRAProjection(unit, index))
+            self.units.append(unit)
 
     def load(self, slot: int, modules: dict) -> None:
         """Put an adapter's weights (module path -> weights with a, b, scale) into `slot`;
         every module it does not target contributes nothing for that slot."""
-        for path, layer in self.modules.items():
-            w = modules.get(path)
-            if w is None:
-                layer.pool.clear(slot)
-            else:
-                layer.pool.load(slot, [w.a.to(self.device)], [w.b.to(self.device)], [w.scale])
+        for unit in self.units:
+            unit.load(slot, modules)
 
     def set_segments(
         self, lengths: Sequence[int], slots: Sequence[SlotSpec], routes: Sequence[tuple[Router, list[int]]] = ()
@@ -131,3 +194,25 @@ class LoRALayers:
             members = torch.tensor([order.index(slot) for slot in member_slots], device=self.device)
             self.step.routes.append(RoutedRows(router, rows, position_of[rows], members))
         return self.step.routes
+
+
+def _pool_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """On the CPU pools are float32 whatever the model's dtype: the PyTorch LoRA path computes in
+    float32, and widening bf16 weights on every call cost a quarter of a decode step with eight
+    adapters (bf16 products of these small shapes are slower still on a CPU)."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
+def _units(targets: dict[str, tuple[int, int]]) -> list[tuple[str, ...]]:
+    """The target paths grouped into units: the fused groups present whole, each other target alone."""
+    units, fused = [], set()
+    for path in targets:
+        parent, _, name = path.rpartition(".")
+        for group in FUSED:
+            if name != group[0]:
+                continue
+            members = tuple(f"{parent}.{n}" for n in group)
+            if all(m in targets for m in members) and len({targets[m][0] for m in members}) == 1:
+                units.append(members)
+                fused.update(members)
+    return units + [(path,) for path in targets if path not in fused]
