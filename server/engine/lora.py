@@ -83,17 +83,13 @@ class LoRAUnit(nn.Module):
         batch = self.step.batch
         if batch is not None and batch.num_groups:
             x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-            delta = y2 if y2.dtype == self.pool.a.dtype else torch.zeros_like(y2, dtype=self.pool.a.dtype)
-            x2 = x2.to(self.pool.a.dtype)
             if self.step.routes:
                 v = lora_shrink(x2, self.pool, batch)
                 for route in self.step.routes:
                     route.apply(self.paths, x2, v)
-                lora_expand(delta, v, self.pool, batch)
+                lora_expand(y2, v, self.pool, batch)
             else:
-                add_lora(delta, x2, self.pool, batch)
-            if delta is not y2:
-                y2 += delta
+                add_lora(y2, x2, self.pool, batch)
         # Kept for the unit's other modules, which the model calls next with the same x; holding
         # x also keeps its identity from being reused while the entry lives.
         self._input, self._output = (x, y) if len(self.bases) > 1 else (None, None)
@@ -155,9 +151,7 @@ class LoRALayers:
             names = [p.rpartition(".")[2] for p in paths]
             in_features = targets[paths[0]][0]
             outs = [targets[p][1] for p in paths]
-            pool = LoRAPool.create(
-                num_slots, in_features, outs, max_rank, dtype=_pool_dtype(dtype, device), device=device
-            )
+            pool = LoRAPool.create(num_slots, in_features, outs, max_rank, dtype=dtype, device=device)
             unit = LoRAUnit(
                 [getattr(parent, name) for parent, name in zip(parents, names, strict=True)], paths, pool, self.step
             )
@@ -194,13 +188,6 @@ class LoRALayers:
             members = torch.tensor([order.index(slot) for slot in member_slots], device=self.device)
             self.step.routes.append(RoutedRows(router, rows, position_of[rows], members))
         return self.step.routes
-
-
-def _pool_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """On the CPU pools are float32 whatever the model's dtype: the PyTorch LoRA path computes in
-    float32, and widening bf16 weights on every call cost a quarter of a decode step with eight
-    adapters (bf16 products of these small shapes are slower still on a CPU)."""
-    return torch.float32 if device.type == "cpu" else dtype
 
 
 def _units(targets: dict[str, tuple[int, int]]) -> list[tuple[str, ...]]:
