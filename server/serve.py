@@ -22,6 +22,7 @@ from plait.server.base_model import (
     ModelLoadError,
     default_data_dir,
     default_device,
+    fastest_dtype,
     load_nf4_model,
     load_tokenizer,
     prepare_cpu_weights,
@@ -46,7 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype of the NF4 layers")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(_DTYPES)],
+        default="auto",
+        help="compute dtype of the NF4 layers (auto: bfloat16 or float32, whichever this hardware runs faster)",
+    )
     p.add_argument(
         "--cpu-weights",
         choices=CPU_WEIGHTS,
@@ -133,9 +139,10 @@ def run(args: argparse.Namespace) -> int:
         spec = resolve_model(args.model)
         if args.threads:
             torch.set_num_threads(args.threads)
-        log.info("loading %s from %s on %s (NF4, %s compute)", spec.name, spec.path, device, args.dtype)
+        dtype = fastest_dtype(device) if args.dtype == "auto" else _DTYPES[args.dtype]
+        log.info("loading %s from %s on %s (NF4, %s compute)", spec.name, spec.path, device, dtype)
         tokenizer = load_tokenizer(spec)
-        model = load_nf4_model(spec, device, _DTYPES[args.dtype], attn_implementation=ATTENTION_NAME)
+        model = load_nf4_model(spec, device, dtype, attn_implementation=ATTENTION_NAME)
         weights = prepare_cpu_weights(model, args.cpu_weights)
         log.info(
             "CPU weights: %s", {"nf4": "NF4", "dequantized": "dequantized", "both": "NF4 and dequantized"}[weights]

@@ -100,6 +100,8 @@ def start_server(tmp_dir: Path, *args: str) -> LiveServer:
     log_path = tmp_dir / f"server-{port}.log"
     if "--data-dir" not in args:
         args = ("--data-dir", str(tmp_dir / f"data-{port}"), *args)
+    if "--dtype" not in args:  # what the PEFT references compute in, on any CPU (auto would measure)
+        args = ("--dtype", "bfloat16", *args)
     cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--threads", "2", *args]
     log = open(log_path, "w")  # noqa: SIM115 -- lives as long as the process
     # cwd outside the checkout: a repo-root `kernels/` on sys.path would shadow the PyPI package.

@@ -56,3 +56,18 @@ def test_auto_keeps_both_where_bitsandbytes_has_a_fast_kernel_and_only_if_memory
     assert prepare_cpu_weights(load_nf4_model(spec, torch.device("cpu")), "nf4") == "nf4"
     with pytest.raises(ValueError):
         prepare_cpu_weights(model, "fast")
+
+
+def test_the_fastest_dtype_is_measured_once_and_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLAIT_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def seconds(dtype):
+        timed.append(dtype)
+        return {torch.bfloat16: 0.9, torch.float32: 0.1}[dtype]  # a CPU that only emulates bf16
+
+    monkeypatch.setattr(base_model, "_matmul_seconds", seconds)
+    assert base_model.fastest_dtype(torch.device("cpu")) == torch.float32
+    assert base_model.fastest_dtype(torch.device("cpu")) == torch.float32
+    assert timed == [torch.bfloat16, torch.float32]  # measured once
+    assert "float32" in (tmp_path / "fastest_dtype.json").read_text()

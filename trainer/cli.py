@@ -22,6 +22,9 @@ from plait.trainer.config import FIELDS, ConfigError, TrainConfig, build_config,
 from plait.trainer.data import DataError, Example, read_examples
 
 DTYPES = ("auto", "bfloat16", "float32")
+# plait.server.base_model.CPU_WEIGHTS, spelt out: importing that module imports torch, which
+# would make every quick refusal here take two seconds.
+CPU_WEIGHTS = ("auto", "nf4", "dequantized")
 MAX_LISTED_SKIPS = 10
 
 
@@ -54,7 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, help="scale by alpha/sqrt(r), not alpha/r")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    g.add_argument("--dtype", choices=DTYPES, help="compute dtype; auto: bfloat16 where the hardware has it")
+    g.add_argument(
+        "--dtype", choices=DTYPES, help="compute dtype; auto: the faster one on this hardware, measured once"
+    )
+    g.add_argument(
+        "--cpu-weights",
+        choices=CPU_WEIGHTS,
+        help="on the CPU: keep the NF4 weights dequantized too, for speed (default auto: when memory allows)",
+    )
     g.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
@@ -124,6 +134,7 @@ def check_config(c: TrainConfig) -> None:
         (c.lora_alpha > 0, "--lora-alpha must be positive"),
         (0 <= c.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+        (c.cpu_weights in CPU_WEIGHTS, f"--cpu-weights must be one of {', '.join(CPU_WEIGHTS)}"),
         (c.threads is None or c.threads >= 1, "--threads must be at least 1"),
         (c.eval_every is None or c.eval_every >= 1, "--eval-every must be at least 1"),
         (c.save_every >= 0, "--save-every must not be negative"),
@@ -196,7 +207,7 @@ def train_adapter(
             config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules, config.use_rslora
         )
         _info(f"loading {spec.name} from {spec.path} on {device} (NF4, {str(dtype).removeprefix('torch.')} compute)")
-        model = load_for_training(spec, device, dtype, lora, config.gradient_checkpointing)
+        model = load_for_training(spec, device, dtype, lora, config.gradient_checkpointing, config.cpu_weights)
     except (ConfigError, DataError, ModelLoadError, RuntimeError) as exc:
         return _fail(exc)
 

@@ -48,6 +48,7 @@ class TrainConfig:
     # runtime
     device: str | None = None
     dtype: str = "auto"
+    cpu_weights: str = "auto"  # on the CPU, NF4 weights also kept dequantized (plait.server.base_model)
     gradient_checkpointing: bool = True
     threads: int | None = None
     eval_every: int | None = None
@@ -63,6 +64,7 @@ class TrainConfig:
         """The settings that decide the numbers a run produces: a resumed run must match them."""
         runtime = {
             "device",
+            "cpu_weights",
             "threads",
             "eval_every",
             "save_every",

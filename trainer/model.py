@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plait.server.base_model import BaseModelSpec, ModelLoadError, load_nf4_model
+from plait.server.base_model import BaseModelSpec, ModelLoadError, fastest_dtype, load_nf4_model, prepare_cpu_weights
 from plait.trainer.batching import Batch
 from plait.trainer.masking import IGNORE_INDEX
 
@@ -36,21 +36,32 @@ class LoraSettings:
 
 
 def compute_dtype(device: torch.device, requested: str) -> torch.dtype:
-    """bf16 wherever the hardware runs it (as the server computes by default), else fp32."""
+    """What was asked for, or with `auto` the dtype this hardware computes faster (measured once;
+    see `plait.server.base_model.fastest_dtype`)."""
     if requested == "float32":
         return torch.float32
-    if requested == "bfloat16" or device.type != "cuda" or torch.cuda.is_bf16_supported():
+    if requested == "bfloat16":
         return torch.bfloat16
-    return torch.float32  # pre-Ampere GPUs: fp16 would need loss scaling, fp32 is exact
+    return fastest_dtype(device)
 
 
 def load_for_training(
-    spec: BaseModelSpec, device: torch.device, dtype: torch.dtype, lora: LoraSettings, gradient_checkpointing: bool
+    spec: BaseModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: LoraSettings,
+    gradient_checkpointing: bool,
+    cpu_weights: str = "auto",
 ):
-    """The NF4 base wrapped by PEFT with fresh trainable LoRA adapters (initialised from torch's RNG)."""
+    """The NF4 base wrapped by PEFT with fresh trainable LoRA adapters (initialised from torch's RNG).
+
+    On the CPU the NF4 weights are also kept dequantized where memory allows, as the server keeps
+    them: the same values, and a training step of four short chats 1.2x faster in bf16 (measured
+    on a 2-core AVX-512 machine)."""
     from peft import LoraConfig, get_peft_model
 
     model = load_nf4_model(spec, device, dtype)
+    prepare_cpu_weights(model, cpu_weights)
     model.config.use_cache = False  # no generation while training; the KV cache only costs memory
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no requires_grad on the inputs (the reentrant kind

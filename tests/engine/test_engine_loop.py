@@ -314,8 +314,7 @@ def _run_engine(tokenizer, tiny_llama, prefix_caching: bool, jobs, kv_cache_toke
 
     async def wave(batch):
         handles = [
-            engine.submit(ids, _params(12, top_logprobs=0), adapters=((key, 1.0),) if key else ())
-            for ids, key in batch
+            engine.submit(ids, _params(12, top_logprobs=0), adapters=((key, 1.0),) if key else ()) for ids, key in batch
         ]
         return [final for final, _ in await asyncio.gather(*(_final(h) for h in handles))]
 

@@ -245,3 +245,10 @@ def test_publish_to_nothing_is_a_publish_error(adapter):
 
     with pytest.raises(PublishError, match="cannot reach http://h/v1: connection refused"):
         publish("http://h", "x", adapter, "k", transport=httpx.MockTransport(refuse))
+
+
+def test_the_cpu_weights_choices_are_the_servers():
+    from plait.server.base_model import CPU_WEIGHTS
+    from plait.trainer import cli
+
+    assert cli.CPU_WEIGHTS == CPU_WEIGHTS
