@@ -209,7 +209,12 @@ def run(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
         )
         context.fine_tuning = FineTuning.open(
-            Path(args.data_dir), setup, context.put_adapter_folder, validate_adapter_id, args.max_file_mb << 20
+            Path(args.data_dir),
+            setup,
+            context.put_adapter_folder,
+            validate_adapter_id,
+            args.max_file_mb << 20,
+            training=_share_cores(engine, device, args.train_threads),
         )
     except (OSError, sqlite3.Error) as exc:
         return _fail(f"cannot keep fine-tuning records in --data-dir {args.data_dir}: {exc}")
@@ -226,6 +231,18 @@ def run(args: argparse.Namespace) -> int:
         return serve_http(create_app(context, DRAIN_SECONDS), engine, args)
     finally:
         context.fine_tuning.stop()  # no trainer outlives the server (a no-op when the app already stopped it)
+
+
+def _share_cores(engine: Engine, device: torch.device, train_threads: int):
+    """While a trainer runs on the CPU, serving computes with the threads it leaves free.
+
+    Two processes whose threads outnumber the cores wreck each other: torch's threads wait for
+    one another at every operation, spinning, and a descheduled one holds all back (measured on
+    2 cores, 2 serving threads beside a 1-thread trainer: 40x the time per output token)."""
+    serving = torch.get_num_threads()
+    if device.type != "cpu":
+        return lambda running: None
+    return lambda running: engine.set_threads(max(1, serving - train_threads) if running else serving)
 
 
 def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:

@@ -143,11 +143,16 @@ class _Forget:
 
 
 @dataclass(frozen=True)
+class _SetThreads:
+    threads: int
+
+
+@dataclass(frozen=True)
 class _Wake:
     """Nothing to do but look again: an adapter finished loading, or the engine is stopping."""
 
 
-_Message = _Add | _Abort | _Forget | _Wake
+_Message = _Add | _Abort | _Forget | _SetThreads | _Wake
 
 
 class Engine:
@@ -306,6 +311,11 @@ class Engine:
         """Free the memory an adapter's deleted or replaced versions hold (see `AdapterSlots.forget`)."""
         self._inbox.put(_Forget(adapter_id, keep_version))
 
+    def set_threads(self, threads: int) -> None:
+        """Compute with this many CPU threads from the next step on (torch's setting is per thread,
+        so the engine thread itself applies it)."""
+        self._inbox.put(_SetThreads(threads))
+
     def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish (up to a limit), then end `run`."""
         with self._lock:
@@ -375,6 +385,8 @@ class Engine:
             case _Forget(adapter_id, keep_version):
                 if self.adapter_slots is not None:
                     self.adapter_slots.forget(adapter_id, keep_version)
+            case _SetThreads(threads):
+                torch.set_num_threads(threads)
             case _Wake():
                 pass
 

@@ -80,16 +80,20 @@ class JobRunner:
         setup: TrainerSetup,
         publish: Callable[[str, Path], object],
         check_name: Callable[[str], object] = lambda name: None,
+        training: Callable[[bool], object] = lambda running: None,
         poll_seconds: float = 0.5,
     ):
         """`publish(name, adapter_folder)` serves a finished adapter; `check_name(name)` raises
-        ClientError when a fine-tuned model could not be published under `name`."""
+        ClientError when a fine-tuned model could not be published under `name`; `training(True)`
+        is called when a trainer starts and `training(False)` when it has stopped, so the server
+        can leave it the cores it was given."""
         self.records = records
         self.files = files
         self.jobs_dir = Path(jobs_dir).resolve()
         self.setup = setup
         self.publish = publish
         self.check_name = check_name
+        self.training = training
         self.poll_seconds = poll_seconds
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -258,16 +262,20 @@ class JobRunner:
                 return
             if self.get(job.id).status != "running":
                 return  # cancelled meanwhile
+            self.training(True)
             trainer = TrainerProcess(self._trainer_run(job).command(self.setup.python), job_dir)
             self._running = (job.id, trainer)
             self.records.update(JobRecord, job.id, pid=trainer.pid)
         log.info("fine-tuning job %s: trainer started (pid %d)", job.id, trainer.pid)
 
         events, progress = contract.EventReader(job_dir / contract.EVENTS_FILE), _Progress()
-        while (returncode := trainer.wait(self.poll_seconds)) is None:
-            if trainer.kill_sent is None:
-                self._record(job, events.read(), progress)
-        trainer.kill_group()
+        try:
+            while (returncode := trainer.wait(self.poll_seconds)) is None:
+                if trainer.kill_sent is None:
+                    self._record(job, events.read(), progress)
+            trainer.kill_group()
+        finally:
+            self.training(False)
 
         with self._lock:
             self._running = None

@@ -35,16 +35,19 @@ class FineTuning:
         publish: Callable[[str, Path], object],
         check_name: Callable[[str], object],
         max_file_bytes: int,
+        training: Callable[[bool], object] = lambda running: None,
     ) -> FineTuning:
         """Open (or create) the records under `data_dir`; `start()` settles old jobs and runs queued ones.
 
         `publish(name, adapter_folder)` serves a finished job's adapter; `check_name(name)` raises
-        ClientError when no adapter could be published under `name`."""
+        ClientError when no adapter could be published under `name`; `training(running)` hears when
+        a trainer starts and stops."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         records = Records(data_dir / DATABASE_FILE)
         files = FileStore(data_dir / "files", records, max_file_bytes)
-        return cls(records, files, JobRunner(records, files, data_dir / "jobs", setup, publish, check_name))
+        jobs = JobRunner(records, files, data_dir / "jobs", setup, publish, check_name, training)
+        return cls(records, files, jobs)
 
     def start(self) -> None:
         self.jobs.start()

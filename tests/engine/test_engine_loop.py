@@ -364,3 +364,15 @@ def test_cached_prefixes_answer_as_computed_ones(tokenizer, tiny_llama):
     roomy, _ = _run_engine(tokenizer, tiny_llama, False, crowded)
     assert tight_engine.metrics.registry.get_sample_value("plait_preemptions_total") > 0
     assert [t.token_ids for t in tight] == [r.token_ids for r in roomy]
+
+
+def test_the_engine_thread_applies_a_new_thread_count(engine, tokenizer, monkeypatch):
+    applied = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: applied.append((n, threading.current_thread().name)))
+    engine.set_threads(1)
+
+    async def go():
+        return await _final(engine.submit(tokenizer.encode("Hi"), _params(2)))
+
+    asyncio.run(go())
+    assert applied and applied[0][0] == 1 and applied[0][1] != threading.current_thread().name

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 
 from plait.server.fine_tuning.contract import ADAPTER_DIR, EVENTS_FILE
 from plait.server.fine_tuning.files import FileStore
 from plait.server.fine_tuning.hyperparameters import Hyperparameters
 from plait.server.fine_tuning.jobs import RESTARTED, JobRunner, TrainerSetup
-from plait.server.fine_tuning.records import DATABASE_FILE, JobRecord, Records
+from plait.server.fine_tuning.records import DATABASE_FILE, FileRecord, JobRecord, Records
 
 BASE = "SmolLM2-135M-Instruct"
 
@@ -70,3 +71,35 @@ def test_a_job_trains_with_its_hyperparameters_and_a_checkpoint_per_epoch(tmp_pa
     assert (options["--batch-size"], options["--grad-accum"], options["--save-every"]) == ("6", "2", "1")
     assert (options["--epochs"], options["--lr"], options["--seed"]) == ("2", "0.0001", "5")
     assert options["--eval-file"] == "file-v" and options["--model"] == str(tmp_path)
+
+
+def test_the_server_hears_when_a_trainer_runs(tmp_path):
+    """So it can leave the trainer its cores: told when the trainer starts and after it stopped."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nsleep 0.5\necho 'plait train: error: no GPU here'\nexit 3\n")
+    fake.chmod(0o755)
+    records = Records(tmp_path / DATABASE_FILE)
+    files = FileStore(tmp_path / "files", records)
+    heard = []
+    runner = JobRunner(
+        records,
+        files,
+        tmp_path / "jobs",
+        TrainerSetup(BASE, tmp_path, python=str(fake)),
+        publish=lambda *a: None,
+        training=heard.append,
+        poll_seconds=0.05,
+    )
+    (tmp_path / "files" / "file-x").write_text('{"prompt": "q", "completion": "a"}\n')
+    records.insert(FileRecord("file-x", "d.jsonl", "fine-tune", 35, 0, 1))
+    job = runner.create(model=BASE, training_file="file-x")
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while runner.get(job.id).status != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    assert heard == [True, False]
+    assert runner.get(job.id).error["message"] == "no GPU here"
