@@ -1,13 +1,17 @@
 """Aggregate decode throughput of `plait serve` at 1, 4 and 16 concurrent requests, side by
-side with transformers' own batched `generate` on the same NF4 model and the same prompts.
+side with transformers' own batched `generate` on the same model unquantized (bf16), with the
+same prompts.
 
     python bench/bench_serving.py [--model PATH] [--max-tokens 64] [--concurrency 1 4 16]
+                                  [--cpu-weights nf4 auto]
 
 Plait is driven over HTTP with the official OpenAI client, as a user would; `generate` runs
-in this process while the server sits idle, so the two never compute at once. Each round
-measures every concurrency on both sides in turn, and the medians over rounds are reported,
-so drifts in the machine's speed hit both alike. Every request produces exactly --max-tokens
-tokens (ignore_eos / min_new_tokens) so the counts compare.
+in this process while the server sits idle, so the two never compute at once. Each server
+setting of --cpu-weights (bitsandbytes' NF4 kernels alone, and the default that also keeps the
+weights dequantized; see plait.server.base_model) gets a server of its own, one after the
+other; each round measures every concurrency on both sides in turn, and the medians over
+rounds are reported, so drifts in the machine's speed hit both alike. Every request produces
+exactly --max-tokens tokens (ignore_eos / min_new_tokens) so the counts compare.
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--threads", type=int, help="torch CPU threads for both sides")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpu-weights", nargs="+", default=["nf4", "auto"], help="server settings to compare")
     args = p.parse_args()
     if max(args.concurrency) > len(PROMPTS):
         sys.exit(f"at most {len(PROMPTS)} concurrent requests")
@@ -145,37 +150,42 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"machine: {machine()}")
-    from plait.server.base_model import default_device, load_nf4_model, load_tokenizer, resolve_model
+    from transformers import AutoModelForCausalLM
+
+    from plait.server.base_model import default_device, load_tokenizer, resolve_model
 
     spec = resolve_model(args.model)
     tokenizer = load_tokenizer(spec)
     tokenizer.padding_side = "left"
-    model = load_nf4_model(spec, default_device())
-    proc, url = start_server(args)
-    plait: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.bfloat16, device_map={"": default_device()})
+    plait: dict[tuple[str, int], list[float]] = {(w, c): [] for w in args.cpu_weights for c in args.concurrency}
     hf: dict[int, list[float]] = {c: [] for c in args.concurrency}
-    try:
-        plait_throughput(url, 2, 8)  # warm-up
-        generate_throughput(model, tokenizer, 2, 8)
-        for r in range(args.rounds):
-            for c in args.concurrency:
-                plait[c].append(plait_throughput(url, c, args.max_tokens))
-                hf[c].append(generate_throughput(model, tokenizer, c, args.max_tokens))
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    generate_throughput(model, tokenizer, 2, 8)  # warm-up
+    for weights in args.cpu_weights:
+        proc, url = start_server(args, "--cpu-weights", weights)
+        try:
+            plait_throughput(url, 2, 8)  # warm-up
+            for r in range(args.rounds):
+                for c in args.concurrency:
+                    plait[weights, c].append(plait_throughput(url, c, args.max_tokens))
+                    hf[c].append(generate_throughput(model, tokenizer, c, args.max_tokens))
+                print(f"--cpu-weights {weights}: round {r + 1}/{args.rounds} done", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
-    med = {c: statistics.median(v) for c, v in plait.items()}
+    med = {k: statistics.median(v) for k, v in plait.items()}
     med_hf = {c: statistics.median(v) for c, v in hf.items()}
-    base = med[args.concurrency[0]]
     print(
-        f"\nmodel: {spec.name} (NF4), {args.max_tokens} new tokens per request, greedy, "
-        f"median of {args.rounds} rounds\n"
+        f"\nmodel: {spec.name}, {args.max_tokens} new tokens per request, greedy, median of {args.rounds} rounds; "
+        "plait serves it NF4, generate runs it unquantized in bf16\n"
     )
-    print(f"{'concurrent':>10} {'plait tok/s':>12} {'generate tok/s':>15} {'plait/generate':>15} {'plait vs 1':>11}")
+    header = "".join(f"{'plait ' + w:>18}" for w in args.cpu_weights)
+    print(f"{'concurrent':>10}{header}{'generate':>10}" + "".join(f"{w + '/generate':>18}" for w in args.cpu_weights))
     for c in args.concurrency:
-        print(f"{c:>10} {med[c]:>12.1f} {med_hf[c]:>15.1f} {med[c] / med_hf[c]:>15.2f} {med[c] / base:>10.2f}x")
+        cells = "".join(f"{med[w, c]:>18.1f}" for w in args.cpu_weights)
+        ratios = "".join(f"{med[w, c] / med_hf[c]:>18.2f}" for w in args.cpu_weights)
+        print(f"{c:>10}{cells}{med_hf[c]:>10.1f}{ratios}")
 
 
 if __name__ == "__main__":
