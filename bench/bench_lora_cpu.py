@@ -32,8 +32,8 @@ from plait.server.adapters.format import base_lora_targets, read_adapter
 from plait.server.base_model import default_device, load_nf4_model, prepare_cpu_weights, resolve_model
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
-from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
-from plait.server.engine.request import Request, SamplingParams
+from plait.server.engine.model_runner import ModelRunner
+from plait.server.engine.request import Request, SamplingParams, ScheduledChunk
 
 SLOTS, MAX_RANK, TOKENS, CONTEXT, BLOCK = 8, 64, 16, 20, 16
 DISTINCT = (1, 2, 4, 8)

@@ -1,4 +1,4 @@
-"""The public LoRA ops: check the arguments once, then run Triton or the PyTorch reference.
+"""The public ops: check the arguments once, then run Triton or the PyTorch reference.
 
 Backend "auto" runs the Triton kernels on CUDA tensors, the Triton interpreter when
 `PLAIT_TRITON_INTERPRET=1` or `TRITON_INTERPRET=1` is set (tests), and the PyTorch
@@ -13,7 +13,8 @@ from typing import Literal
 
 import torch
 
-from . import reference
+from . import attention_reference, reference
+from .block_tables import BlockTables
 from .metadata import LoRABatch
 from .pool import LoRAPool
 
@@ -110,3 +111,49 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch,
         triton_ops.add_lora(y, x, pool, batch, interpret=_interpret(x))
     else:
         reference.add_lora(y, x, pool, batch)
+
+
+def _check_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: BlockTables) -> None:
+    if q.dtype not in _DTYPES or keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise TypeError(
+            f"q, keys and values must share one of fp16, bf16, fp32; got {q.dtype}, {keys.dtype}, {values.dtype}"
+        )
+    if q.ndim != 3 or keys.ndim != 3 or keys.shape != values.shape or keys.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"q must be [B, H, D] and keys, values [slots, KVH, D]; got {tuple(q.shape)}, {tuple(keys.shape)}"
+        )
+    if q.shape[1] % keys.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {keys.shape[1]} KV heads evenly")
+    if q.shape[0] != tables.num_seqs:
+        raise ValueError(f"{q.shape[0]} queries but block tables for {tables.num_seqs} sequences")
+    if any(t.stride(-1) != 1 for t in (q, keys, values)):
+        raise ValueError("q, keys and values need unit stride on the head dimension")
+    if not (q.device == keys.device == values.device == tables.device):
+        raise ValueError(
+            f"q on {q.device}, keys on {keys.device}, values on {values.device}, tables on {tables.device}"
+        )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: BlockTables,
+    *,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention of one new query per sequence over that sequence's tokens in a paged pool.
+
+    q is [B, H, D]; keys and values are one layer's pool, [slots, KVH, D] with H a multiple
+    of KVH (grouped-query attention); `tables` says which slots are sequence b's first
+    lengths[b] tokens. Returns out [B, H, D] in q's dtype, softmax(scale · q Kᵀ) V with the
+    softmax in fp32; scale defaults to 1/√D.
+    """
+    _check_attention(q, keys, values, tables)
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    if _use_triton(q, backend):
+        from . import triton_attention
+
+        return triton_attention.decode_attention(q, keys, values, tables, scale, interpret=_interpret(q))
+    return attention_reference.decode_attention(q, keys, values, tables, scale)

@@ -148,3 +148,29 @@ def make_lora_batch(
         max_group_len=max((hi - lo for lo, hi in itertools.pairwise(bounds)), default=0),
         slots_per_row=k,
     )
+
+
+def make_row_lora_batch(row_slots: torch.Tensor, slots: Sequence[int]) -> LoRABatch:
+    """A batch of R rows, each its own group with one slot at weight 1 (-1: none), for a step of fixed shape.
+
+    `row_slots` (int32 [R], on the step's device) becomes `group_slots` itself, not a copy,
+    and must hold `slots` now; `slots` fills the Python mirrors the PyTorch path reads. The
+    kernels' launches for such a batch depend on R alone and they read the slots from the
+    device, so a step captured as a CUDA graph replays with whatever `row_slots` holds then.
+    Unlike `make_lora_batch`, rows are not merged by adapter and rows with no adapter stay in.
+    """
+    rows = len(slots)
+    if row_slots.dtype != torch.int32 or tuple(row_slots.shape) != (rows,):
+        raise ValueError(f"row_slots must be int32 [{rows}]")
+    positions = torch.arange(rows + 1, dtype=torch.int32, device=row_slots.device)
+    return LoRABatch(
+        num_tokens=rows,
+        token_index=positions[:rows],
+        group_starts=positions,
+        group_slots=row_slots.view(rows, 1),
+        group_weights=torch.ones(rows, 1, device=row_slots.device),
+        groups=tuple(((s, 1.0),) if s >= 0 else () for s in slots),
+        group_bounds=tuple(range(rows + 1)),
+        max_group_len=1 if rows else 0,
+        slots_per_row=1,
+    )

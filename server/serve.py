@@ -111,6 +111,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not reuse the keys and values of prompts that start alike",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture decode steps as CUDA graphs and replay them (CUDA only; see --cuda-graph-max-batch)",
+    )
+    p.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=64,
+        help="with --cuda-graphs: the largest decode batch captured (capped by --max-running); "
+        "larger ones run uncaptured",
+    )
     p.add_argument("--default-max-tokens", type=int, default=1024, help="max_tokens when a request gives none")
     p.add_argument("--max-n", type=int, default=8, help="choices one request may ask for (n)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
@@ -131,12 +143,15 @@ def run(args: argparse.Namespace) -> int:
         ("--max-running", args.max_running),
         ("--max-batched-tokens", args.max_batched_tokens),
         ("--max-n", args.max_n),
+        ("--cuda-graph-max-batch", args.cuda_graph_max_batch),
     ):
         if value < 1:
             return _fail(f"{name} must be at least 1")
     try:
         device = torch.device(args.device) if args.device else default_device()
         spec = resolve_model(args.model)
+        if args.cuda_graphs and device.type != "cuda":
+            return _fail(f"--cuda-graphs needs a CUDA device, and this server runs on {device}")
         if args.threads:
             torch.set_num_threads(args.threads)
         dtype = fastest_dtype(device) if args.dtype == "auto" else _DTYPES[args.dtype]
@@ -161,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_model_len=args.max_model_len,
         prefix_caching=args.prefix_caching,
+        cuda_graph_batch=args.cuda_graph_max_batch if args.cuda_graphs else 0,
     )
     metrics = Metrics()
     targets = base_lora_targets(model)  # before the engine wraps those layers

@@ -1,4 +1,4 @@
-"""`plait serve` refuses a model it cannot serve with one line, not a traceback."""
+"""`plait serve` refuses a model or a setting it cannot serve with one line, not a traceback."""
 
 from __future__ import annotations
 
@@ -46,5 +46,13 @@ def test_help_lists_the_serving_flags(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "plait.cli", "serve", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     ).stdout
-    for flag in ("--model", "--port", "--api-key", "--kv-cache-tokens", "--max-waiting", "--max-batched-tokens"):
+    flags = ("--model", "--port", "--api-key", "--kv-cache-tokens", "--max-waiting", "--max-batched-tokens")
+    for flag in (*flags, "--cpu-weights", "--no-prefix-caching", "--cuda-graphs"):
         assert flag in out
+
+
+def test_cuda_graphs_without_a_gpu_is_a_one_line_error(tmp_path):
+    result = _serve(tmp_path, "--cuda-graphs", "--device", "cpu", "--port", "1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "plait serve: error: --cuda-graphs needs a CUDA device" in result.stdout

@@ -6,9 +6,10 @@ one after another. transformers computes q/k/v and rotary embeddings per token f
 It writes the new keys and values into the paged pool and lets each sequence's queries
 attend to its own cached tokens only.
 
-Sequences are attended in groups, each one padded SDPA call: all decoding sequences (one
-query each) share a group; a prefill chunk gets a group of its own, so one long prompt
-never pads the decodes to its length.
+Sequences with one new token (decodes) are attended together by `plait.kernels`'
+paged decode attention, which reads their blocks straight from the pool (a Triton kernel on
+CUDA). A prefill chunk gets one SDPA call of its own over its gathered context, so one long
+prompt never pads the decodes to its length.
 """
 
 from __future__ import annotations
@@ -19,18 +20,27 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from plait.kernels import BlockTables, make_block_tables, paged_decode_attention
 from plait.server.engine.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "plait_paged"
 
 
 @dataclass(frozen=True)
-class AttentionGroup:
-    query_index: torch.Tensor  # [B, Q] positions in the flat batch (padding points at 0)
-    kv_slots: torch.Tensor  # [B, L] flat pool slots of each sequence's context (padding: 0)
-    mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend
-    valid: torch.Tensor  # [n] positions in the flattened [B*Q] grid that hold real queries
-    token_index: torch.Tensor  # [n] where those queries sit in the flat batch
+class PrefillChunk:
+    """Several new tokens of one sequence, at rows [offset, offset + n) of the flat batch."""
+
+    offset: int
+    kv_slots: torch.Tensor  # [L] pool slots of the sequence's first L tokens, the new ones included
+    mask: torch.Tensor  # [n, L] True where a new token may attend
+
+
+@dataclass(frozen=True)
+class Decodes:
+    """The sequences with one new token each: their rows of the flat batch and their blocks."""
+
+    rows: torch.Tensor  # [B]
+    tables: BlockTables
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,8 @@ class AttentionBatch:
 
     kv_cache: PagedKVCache
     write_slots: torch.Tensor  # [T] pool slot for each new token's key and value
-    groups: tuple[AttentionGroup, ...]
+    prefills: tuple[PrefillChunk, ...]
+    decodes: Decodes | None
 
 
 @dataclass(frozen=True)
@@ -57,43 +68,31 @@ def build_attention_batch(chunks: list[SequenceChunk], kv_cache: PagedKVCache, d
     for c in chunks:
         write_slots += kv_cache.slots(c.block_ids, c.start, c.stop)
     decodes = [c for c in chunks if c.stop - c.start == 1]
-    prefills = [c for c in chunks if c.stop - c.start > 1]
-    groups = [_group([c], kv_cache, device) for c in prefills]
-    if decodes:
-        groups.append(_group(decodes, kv_cache, device))
     return AttentionBatch(
         kv_cache=kv_cache,
         write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
-        groups=tuple(groups),
+        prefills=tuple(_prefill(c, kv_cache, device) for c in chunks if c.stop - c.start > 1),
+        decodes=_decodes(decodes, kv_cache, device) if decodes else None,
     )
 
 
-def _group(chunks: list[SequenceChunk], kv_cache: PagedKVCache, device) -> AttentionGroup:
-    num_q = max(c.stop - c.start for c in chunks)
-    num_kv = max(c.stop for c in chunks)
-    query_index = torch.zeros(len(chunks), num_q, dtype=torch.long)
-    kv_slots = torch.zeros(len(chunks), num_kv, dtype=torch.long)
-    # Query j of a chunk sits at sequence position start + j and sees positions <= that.
-    q_pos = torch.full((len(chunks), num_q), -1, dtype=torch.long)
-    kv_len = torch.zeros(len(chunks), 1, dtype=torch.long)
-    for b, c in enumerate(chunks):
-        n = c.stop - c.start
-        query_index[b, :n] = torch.arange(c.offset, c.offset + n)
-        q_pos[b, :n] = torch.arange(c.start, c.stop)
-        kv_slots[b, : c.stop] = torch.tensor(kv_cache.slots(c.block_ids, 0, c.stop))
-        kv_len[b] = c.stop
-    kv_pos = torch.arange(num_kv).view(1, 1, num_kv)
-    mask = (kv_pos <= q_pos.unsqueeze(-1)) & (kv_pos < kv_len.unsqueeze(-1))
-    # Padding queries attend to position 0 so softmax never sees an all-masked row; their
-    # outputs are dropped.
-    mask[:, :, 0] = True
-    valid = (q_pos >= 0).flatten().nonzero().squeeze(1)
-    return AttentionGroup(
-        query_index=query_index.to(device),
-        kv_slots=kv_slots.to(device),
-        mask=mask.unsqueeze(1).to(device),
-        valid=valid.to(device),
-        token_index=query_index.flatten()[valid.cpu()].to(device),
+def _prefill(c: SequenceChunk, kv_cache: PagedKVCache, device) -> PrefillChunk:
+    # New token j sits at sequence position start + j and sees positions <= that.
+    q_pos = torch.arange(c.start, c.stop).unsqueeze(1)
+    mask = torch.arange(c.stop).unsqueeze(0) <= q_pos
+    return PrefillChunk(
+        offset=c.offset,
+        kv_slots=torch.tensor(kv_cache.slots(c.block_ids, 0, c.stop), dtype=torch.long).to(device),
+        mask=mask.to(device),
+    )
+
+
+def _decodes(chunks: list[SequenceChunk], kv_cache: PagedKVCache, device) -> Decodes:
+    return Decodes(
+        rows=torch.tensor([c.offset for c in chunks], dtype=torch.long).to(device),
+        tables=make_block_tables(
+            [c.block_ids for c in chunks], [c.stop for c in chunks], kv_cache.block_size, device=device
+        ),
     )
 
 
@@ -118,13 +117,17 @@ def paged_attention(
 
     q_flat = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q_flat)
-    for g in batch.groups:
-        q = q_flat[g.query_index].transpose(1, 2)  # [B, H, Q, D]
-        k = keys[g.kv_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
-        v = values[g.kv_slots].transpose(1, 2).to(q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=True)
-        o = o.transpose(1, 2).flatten(0, 1)  # [B*Q, H, D]
-        out[g.token_index] = o[g.valid]
+    for p in batch.prefills:
+        rows = slice(p.offset, p.offset + p.mask.shape[0])
+        q = q_flat[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        k = keys[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, L, D]
+        v = values[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scaling, enable_gqa=True)
+        out[rows] = o[0].transpose(0, 1)
+    if batch.decodes is not None:
+        d = batch.decodes
+        q = q_flat[d.rows].to(keys.dtype)
+        out[d.rows] = paged_decode_attention(q, keys, values, d.tables, scale=scaling).to(out.dtype)
     return out.unsqueeze(0), None
 
 

@@ -38,11 +38,19 @@ from plait.server.engine.detokenizer import IncrementalDetokenizer
 from plait.server.engine.grammar import GrammarState
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
-from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
-from plait.server.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from plait.server.engine.model_runner import ModelRunner
+from plait.server.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    ScheduledChunk,
+    TokenLogprob,
+)
 from plait.server.engine.routing import Router
 from plait.server.engine.sampler import NonFiniteLogits, sample, top_logprobs
 from plait.server.engine.scheduler import Scheduler
+from plait.server.engine.static_decode import StaticDecode
 from plait.server.errors import ClientError
 from plait.server.metrics import Metrics
 
@@ -60,6 +68,9 @@ class EngineConfig:
     max_waiting: int = 256
     max_model_len: int | None = None  # default: the model's own limit, capped by the KV pool
     prefix_caching: bool = True  # share the keys and values of prompts' common starts (see kv_cache)
+    # Decode steps of up to this many sequences run through fixed buffers, captured as CUDA graphs
+    # on a CUDA device (see static_decode); 0: off.
+    cuda_graph_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,7 +206,25 @@ class Engine:
                 merge=lora.merge,
                 on_event=self._adapter_event,
             )
-        self.runner = ModelRunner(model, self.kv_cache, device, layers)
+        static = None
+        if config.cuda_graph_batch:
+            static = StaticDecode(
+                model,
+                self.kv_cache,
+                layers,
+                device,
+                min(config.cuda_graph_batch, config.max_running),
+                self.max_model_len,
+            )
+            if device.type == "cuda":
+                started = time.monotonic()
+                static.capture()
+                log.info(
+                    "captured decode steps of %s sequences as CUDA graphs in %.1f s",
+                    ", ".join(map(str, static.sizes)),
+                    time.monotonic() - started,
+                )
+        self.runner = ModelRunner(model, self.kv_cache, device, layers, static)
         self.scheduler = Scheduler(
             self.kv_cache,
             config.max_batched_tokens,

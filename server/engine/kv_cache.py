@@ -109,7 +109,10 @@ class PagedKVCache:
     ):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # One block more than the allocator hands out: the padding rows of a fixed-size step
+        # write and read there, never in a sequence's blocks.
+        self.scratch_block = num_blocks
+        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.allocator = BlockPool(num_blocks)

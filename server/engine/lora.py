@@ -165,6 +165,11 @@ class LoRALayers:
         for unit in self.units:
             unit.load(slot, modules)
 
+    def use_batch(self, batch: LoRABatch | None) -> None:
+        """Segment metadata, built by the caller, for the next forward pass; no routers."""
+        self.step.batch = batch
+        self.step.routes = []
+
     def set_segments(
         self, lengths: Sequence[int], slots: Sequence[SlotSpec], routes: Sequence[tuple[Router, list[int]]] = ()
     ) -> list[RoutedRows]:
@@ -174,8 +179,8 @@ class LoRALayers:
         router's member slots, in member order, each with weight 1.
         """
         uses_lora = any(s != -1 for s in slots)
-        batch = self.step.batch = make_lora_batch(lengths, slots, device=self.device) if uses_lora else None
-        self.step.routes = []
+        batch = make_lora_batch(lengths, slots, device=self.device) if uses_lora else None
+        self.use_batch(batch)
         if not routes:
             return []
         position_of = torch.full((batch.num_tokens,), -1, dtype=torch.long, device=self.device)

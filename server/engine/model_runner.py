@@ -9,7 +9,8 @@ import torch
 from plait.server.engine.attention import SequenceChunk, build_attention_batch
 from plait.server.engine.kv_cache import PagedKVCache
 from plait.server.engine.lora import LoRALayers
-from plait.server.engine.request import Request
+from plait.server.engine.request import ScheduledChunk
+from plait.server.engine.static_decode import StaticDecode
 
 
 @dataclass(frozen=True)
@@ -27,36 +28,28 @@ class StepLogits:
     chunks: list[ChunkRows]  # in the order of the scheduled chunks
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """Positions [start, stop) of `request`, computed this step."""
-
-    request: Request
-    start: int
-    stop: int
-    samples: bool  # reaches the end of the sequence, so its last logits pick the next token
-
-    @classmethod
-    def next_for(cls, request: Request, num_new: int) -> ScheduledChunk:
-        start = request.num_computed
-        return cls(request, start, start + num_new, start + num_new == request.num_tokens)
-
-    @property
-    def num_new(self) -> int:
-        return self.stop - self.start
-
-
 class ModelRunner:
-    def __init__(self, model, kv_cache: PagedKVCache, device: torch.device, lora: LoRALayers | None = None):
+    def __init__(
+        self,
+        model,
+        kv_cache: PagedKVCache,
+        device: torch.device,
+        lora: LoRALayers | None = None,
+        static: StaticDecode | None = None,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.lora = lora
+        self.static = static  # plain decode steps run through its fixed buffers (CUDA graphs)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
         """Logits (float32) at the last new token of each chunk that samples, and at every prompt
         position still to be scored for requests that want prompt logprobs."""
+        if self.static is not None and self.static.fits(chunks):
+            rows = [ChunkRows(range(0), slice(i, i), i) for i in range(len(chunks))]
+            return StepLogits(self.static.run(chunks), rows)
         input_ids: list[int] = []
         positions: list[int] = []
         seq_chunks: list[SequenceChunk] = []

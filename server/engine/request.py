@@ -177,3 +177,22 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Positions [start, stop) of `request`, computed this step."""
+
+    request: Request
+    start: int
+    stop: int
+    samples: bool  # reaches the end of the sequence, so its last logits pick the next token
+
+    @classmethod
+    def next_for(cls, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed
+        return cls(request, start, start + num_new, start + num_new == request.num_tokens)
+
+    @property
+    def num_new(self) -> int:
+        return self.stop - self.start

@@ -26,8 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from plait.server.engine.kv_cache import PagedKVCache, block_hashes
-from plait.server.engine.model_runner import ScheduledChunk
-from plait.server.engine.request import Request
+from plait.server.engine.request import Request, ScheduledChunk
 
 
 class Scheduler:

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from plait.server.base_model import load_tokenizer, resolve_model
 from plait.server.engine.attention import ATTENTION_NAME
 from plait.server.engine.kv_cache import PagedKVCache
-from plait.server.engine.model_runner import ModelRunner, ScheduledChunk
-from plait.server.engine.request import Request, SamplingParams
+from plait.server.engine.model_runner import ModelRunner
+from plait.server.engine.request import Request, SamplingParams, ScheduledChunk
 
 # float32 rounding that depends on the batch's shape stays far below what a sequence seeing
 # another's keys, or missing one of its own, would cause (logits of magnitude ~20).

@@ -34,6 +34,7 @@ from plait.kernels import (
     lora_expand,
     lora_shrink,
     make_lora_batch,
+    make_row_lora_batch,
     triton_ops,
 )
 from plait.kernels import dispatch as kernel_dispatch
@@ -483,3 +484,23 @@ def test_weights_come_from_the_group_weights_tensor(gen):
     add_lora(y, x, case.pool, routed, backend="reference")
     want = expected_delta(case, x, lengths, [[(1, -1.0), (6, 0.25)], 3, [(0, 0.0), (7, 3.0)]])
     assert_close(y, y0, want, torch.float32, gen, "routed")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_batch_updated_in_place(gen, backend):
+    """A fixed-shape batch of one row per group (a captured decode step's) applies whatever slots
+    its buffer holds, bare rows included, like the same rows as one-token segments."""
+    case = make_case(gen, torch.float32, MIXED)
+    poison_past_rank(case.pool)
+    buffer = torch.empty(6, dtype=torch.int32)
+    for slots in ([3, -1, 0, 3, 7, -1], [-1, 2, 2, 5, -1, 1]):
+        buffer.copy_(torch.tensor(slots))
+        batch = make_row_lora_batch(buffer, slots)
+        assert batch.group_slots.data_ptr() == buffer.data_ptr()
+        bare = [i for i, s in enumerate(slots) if s < 0]
+        x, y0 = random_io(gen, case, len(slots), bare)
+        y = y0.clone()
+        add_lora(y, x, case.pool, batch, backend=backend)
+        assert torch.equal(y[bare], y0[bare])
+        delta = expected_delta(case, x.nan_to_num(), [1] * len(slots), slots)
+        assert_close(y, y0, delta, torch.float32, gen, backend)

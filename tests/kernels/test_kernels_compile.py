@@ -14,7 +14,7 @@ compiler = pytest.importorskip("triton.compiler")
 backends = pytest.importorskip("triton.backends.compiler")
 jit = pytest.importorskip("triton.runtime.jit")
 
-from plait.kernels import triton_ops  # noqa: E402
+from plait.kernels import triton_attention, triton_ops  # noqa: E402
 
 POINTERS = {
     "_shrink_kernel": {
@@ -25,7 +25,9 @@ POINTERS = {
         "group_weights_ptr": "fp32",
     },
     "_expand_kernel": {"v_ptr": "fp32", "b_ptr": "io", "y_ptr": "io"},
+    "_decode_kernel": {"q_ptr": "io", "k_ptr": "io", "v_ptr": "io", "out_ptr": "io"},
 }
+SCALARS = {"scale": "fp32"}  # every other scalar argument is an int32
 
 
 def compile_for(fn, io: str, constexprs: dict, capability: int):
@@ -40,7 +42,7 @@ def compile_for(fn, io: str, constexprs: dict, capability: int):
             kind = pointers.get(name, "i32")
             signature[name] = "*" + (io if kind == "io" else kind)
         else:
-            signature[name] = "i32"
+            signature[name] = SCALARS.get(name, "i32")
     source = compiler.ASTSource(jitted, signature, constexprs)
     return triton.compile(source, target=backends.GPUTarget("cuda", capability, 32))
 
@@ -72,3 +74,26 @@ def test_kernels_compile_to_cubin(tmp_path, monkeypatch, capability, io, k, spli
         capability,
     )
     assert shrink.asm["cubin"] and expand.asm["cubin"]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize(("io", "block_size", "head_dim"), [("bf16", 16, 128), ("fp16", 32, 64), ("fp32", 5, 80)])
+def test_attention_kernel_compiles_to_cubin(tmp_path, monkeypatch, capability, io, block_size, head_dim):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        kernel = compile_for(
+            triton_attention._decode_kernel,
+            io,
+            dict(
+                BLOCK_SIZE=block_size,
+                BLOCK_T=triton.next_power_of_2(block_size),
+                BLOCK_D=triton.next_power_of_2(head_dim),
+            ),
+            capability,
+        )
+    except (RuntimeError, FileNotFoundError) as exc:  # no NVIDIA toolchain in this triton build
+        if "ptxas" in str(exc) or "backend" in str(exc):
+            pytest.skip(f"cannot compile for CUDA here: {exc}")
+        raise
+    assert kernel.asm["cubin"]
