@@ -18,11 +18,8 @@ def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: BlockTables, scale: float
 ) -> torch.Tensor:
     """out[b, h] = softmax(scale · q[b, h] · K_bᵀ) V_b over the first lengths[b] tokens of sequence b."""
-    bs = tables.block_size
-    pos = torch.arange(tables.max_length, device=q.device)
-    slots = tables.tables.long()[:, pos // bs] * bs + pos % bs  # [B, L]
-    k = keys[slots].transpose(1, 2)  # [B, KVH, L, D]
-    v = values[slots].transpose(1, 2)
-    mask = (pos < tables.lengths.long()[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    k = keys[tables.slots].transpose(1, 2)  # [B, KVH, L, D]
+    v = values[tables.slots].transpose(1, 2)
+    mask = tables.within_length[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)

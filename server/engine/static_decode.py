@@ -87,12 +87,11 @@ class StaticDecode:
         size = next(s for s in self.sizes if s >= len(chunks))
         slots = self._fill(chunks)
         captured = self._graphs.get(size)
-        if captured is not None:
-            captured.graph.replay()
-            logits = captured.logits
-        else:
-            logits = self._forward(size, self._lora_batch(size, slots[:size]))
-        return logits[: len(chunks)].float()
+        if captured is None:
+            return self._forward(size, self._lora_batch(size, slots[:size]))[: len(chunks)].float()
+        captured.graph.replay()
+        # A copy: the next replay overwrites the captured logits.
+        return captured.logits[: len(chunks)].to(torch.float32, copy=True)
 
     def capture(self) -> None:
         """Capture a graph of every size (CUDA only), the largest first so the smaller ones reuse its memory."""
