@@ -249,6 +249,10 @@ class DequantizedLinear(torch.nn.Linear):
     def __init__(self, layer, dtype: torch.dtype, keep_nf4: bool):
         import bitsandbytes as bnb
 
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a layer for its AVX512-BF16 kernel on the first inference
+            # call; dequantize_4bit would read that layout as garbage.
+            raise RuntimeError("prepare the CPU weights before the model's first forward pass")
         super().__init__(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
         weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -265,16 +269,18 @@ class DequantizedLinear(torch.nn.Linear):
 def prepare_cpu_weights(model, mode: str = "auto") -> str:
     """On the CPU, keep every NF4 layer's weights dequantized once into the compute dtype.
 
-    The values are exactly the NF4 model's: bitsandbytes itself dequantizes a layer into the
-    compute dtype before every matmul of more than one token, so this only stops it doing so
-    again on every call. Measured on a 2-core AVX-512 machine with the embedded model (ms per
-    forward pass, bitsandbytes alone against dense weights): a 256-token prompt chunk 505 against
-    161, 64 tokens 154 against 79, 16 decodes 70 against 60, but one decode 42 against 55 (there
-    bitsandbytes' AVX512-BF16 kernel reads a quarter of the bytes). So `auto` keeps both and
-    sends steps of at most `NF4_KERNEL_MAX_TOKENS` tokens to bitsandbytes where it has that
-    kernel, and otherwise uses the dense weights alone; and only where they take at most
-    `DEQUANTIZE_MEMORY_SHARE` of the available memory. `nf4` changes nothing, `dequantized`
-    always uses the dense weights. Returns which it did: "nf4", "dequantized" or "both".
+    The values are exactly the NF4 model's; the arithmetic is a dense matmul's. That is what
+    bitsandbytes itself does (dequantize, then matmul) where it has no AVX512-BF16 kernel; where
+    it has one, its kernel rounds differently (in bf16 a dozen tokens' log-likelihood moves by a
+    few tenths). Call this before the model's first forward pass. Measured on a 2-core AVX-512
+    machine with the embedded model (ms per forward pass, bitsandbytes alone against dense
+    weights): a 256-token prompt chunk 505 against 161, 64 tokens 154 against 79, 16 decodes 70
+    against 60, but one decode 42 against 55 (there bitsandbytes' AVX512-BF16 kernel reads a
+    quarter of the bytes). So `auto` keeps both and sends steps of at most
+    `NF4_KERNEL_MAX_TOKENS` tokens to bitsandbytes where it has that kernel, and otherwise uses
+    the dense weights alone; and only where they take at most `DEQUANTIZE_MEMORY_SHARE` of the
+    available memory. `nf4` changes nothing, `dequantized` always uses the dense weights.
+    Returns which it did: "nf4", "dequantized" or "both".
     """
     import bitsandbytes as bnb
 

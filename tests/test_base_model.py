@@ -41,6 +41,10 @@ def test_dequantized_weights_are_the_nf4_values_and_answer_alike(spec):
     # The same distributions, but for bf16 kernels that add up in another order.
     kl = (a.exp() * (a - b)).sum(-1)
     assert kl.max() < 0.02, kl
+    # Once bitsandbytes has repacked its layers for its own kernel, it is too late.
+    if bnb.functional.has_avx512bf16():
+        with pytest.raises(RuntimeError, match="before the model's first forward pass"):
+            prepare_cpu_weights(nf4, "dequantized")
 
 
 def test_auto_keeps_both_where_bitsandbytes_has_a_fast_kernel_and_only_if_memory_allows(spec, monkeypatch):
