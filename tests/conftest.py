@@ -67,6 +67,68 @@ def tiny_llama(tokenizer):
     return make
 
 
+# Every architecture Plait serves, as a tiny random model with the real structure: Llama 3's
+# rope scaling, Qwen3's q/k norms, Gemma's scaled embeddings, Gemma 2's soft-capping and
+# alternating sliding windows, Gemma 3's window pattern and local rope, Phi-3's fused
+# qkv_proj and gate_up_proj. Windows are 8 tokens, so test prompts run past them.
+WINDOW = 8
+ARCHITECTURES = {
+    "llama": dict(
+        rope_parameters=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+            rope_theta=500000.0,
+        )
+    ),
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": dict(),
+    "gemma": dict(),
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3_text": dict(
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    ),
+    "phi3": dict(sliding_window=WINDOW),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_architecture(tokenizer, tmp_path_factory):
+    """Makes (once per session) a Hugging Face folder holding a tiny random model of one of
+    `ARCHITECTURES`, in bf16 with the embedded model's tokenizer, as `plait serve --model` reads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("architectures")
+
+    def make(model_type: str) -> Path:
+        folder = root / model_type
+        if not folder.is_dir():
+            config = AutoConfig.for_model(
+                model_type,
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=256,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **ARCHITECTURES[model_type],
+            )
+            torch.manual_seed(sorted(ARCHITECTURES).index(model_type))
+            AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        return folder
+
+    return make
+
+
 @dataclass
 class LiveServer:
     base_url: str

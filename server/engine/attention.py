@@ -14,7 +14,7 @@ prompt never pads the decodes to its length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,32 @@ from plait.server.engine.kv_cache import PagedKVCache
 ATTENTION_NAME = "plait_paged"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PrefillChunk:
-    """Several new tokens of one sequence, at rows [offset, offset + n) of the flat batch."""
+    """New tokens of one sequence, at positions [start, L) of it and rows [offset, offset + L - start)
+    of the flat batch."""
 
     offset: int
+    start: int
     kv_slots: torch.Tensor  # [L] pool slots of the sequence's first L tokens, the new ones included
-    mask: torch.Tensor  # [n, L] True where a new token may attend
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_new(self) -> int:
+        return self.kv_slots.shape[0] - self.start
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """bool [n, L]: True where a new token may attend: itself and the positions before it, or
+        with a sliding window only the last `window` of those. Built once per step and window."""
+        if window not in self._masks:
+            device = self.kv_slots.device
+            q_pos = torch.arange(self.start, self.kv_slots.shape[0], device=device).unsqueeze(1)
+            k_pos = torch.arange(self.kv_slots.shape[0], device=device).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self._masks[window] = mask
+        return self._masks[window]
 
 
 @dataclass(frozen=True)
@@ -77,13 +96,10 @@ def build_attention_batch(chunks: list[SequenceChunk], kv_cache: PagedKVCache, d
 
 
 def _prefill(c: SequenceChunk, kv_cache: PagedKVCache, device) -> PrefillChunk:
-    # New token j sits at sequence position start + j and sees positions <= that.
-    q_pos = torch.arange(c.start, c.stop).unsqueeze(1)
-    mask = torch.arange(c.stop).unsqueeze(0) <= q_pos
     return PrefillChunk(
         offset=c.offset,
+        start=c.start,
         kv_slots=torch.tensor(kv_cache.slots(c.block_ids, 0, c.stop), dtype=torch.long).to(device),
-        mask=mask.to(device),
     )
 
 
@@ -104,9 +120,13 @@ def paged_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     plait_attention: AttentionBatch | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: sliding windows (Mistral, Qwen, Gemma, Phi-3) and
+    soft-capped scores (Gemma 2) are honoured as the model's own attention would."""
     if plait_attention is None:
         raise RuntimeError("paged attention called without the step's AttentionBatch")
     batch = plait_attention
@@ -118,17 +138,30 @@ def paged_attention(
     q_flat = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.empty_like(q_flat)
     for p in batch.prefills:
-        rows = slice(p.offset, p.offset + p.mask.shape[0])
+        rows = slice(p.offset, p.offset + p.num_new)
         q = q_flat[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         k = keys[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, L, D]
         v = values[p.kv_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scaling, enable_gqa=True)
-        out[rows] = o[0].transpose(0, 1)
+        out[rows] = _attend(q, k, v, p.mask(sliding_window), scaling, softcap)[0].transpose(0, 1)
     if batch.decodes is not None:
         d = batch.decodes
         q = q_flat[d.rows].to(keys.dtype)
-        out[d.rows] = paged_decode_attention(q, keys, values, d.tables, scale=scaling).to(out.dtype)
+        o = paged_decode_attention(q, keys, values, d.tables, scale=scaling, window=sliding_window, softcap=softcap)
+        out[d.rows] = o.to(out.dtype)
     return out.unsqueeze(0), None
+
+
+def _attend(q, k, v, mask, scale: float | None, softcap: float | None) -> torch.Tensor:
+    """Attention of q [1, H, n, D] over k, v [1, KVH, L, D] where mask [n, L] allows."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # SDPA has no soft-capping; this is transformers' eager attention for Gemma 2.
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(2, 3)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    return weights.to(q.dtype) @ v
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -192,7 +192,7 @@ class Engine:
             dtype=model.dtype,
             device=device,
         )
-        model_limit = getattr(mc, "max_position_embeddings", None) or self.kv_cache.capacity_tokens
+        model_limit = _context_limit(mc) or self.kv_cache.capacity_tokens
         self.max_model_len = min(config.max_model_len or model_limit, model_limit, self.kv_cache.capacity_tokens)
         self.adapter_slots: AdapterSlots | None = None
         layers = None
@@ -611,6 +611,27 @@ def _cache_salt(adapters: tuple[tuple[SlotKey, float], ...], router: Router | No
         if identity is None:
             return None
     return hashlib.sha256(repr((adapters, identity)).encode()).digest()
+
+
+# Rotary scalings whose frequencies depend on the longest position in the forward pass: in a
+# flattened batch, one long sequence would change every other sequence's.
+_POSITION_DEPENDENT_ROPE = frozenset({"longrope", "dynamic"})
+
+
+def _context_limit(mc) -> int | None:
+    """The longest sequence the model computes as it would alone: its `max_position_embeddings`,
+    or with LongRoPE (Phi-3.5, Phi-4-mini) or dynamic NTK scaling its original context length,
+    within which every sequence uses the same rotary frequencies whatever else is in the batch."""
+    rope = getattr(mc, "rope_parameters", None) or getattr(mc, "rope_scaling", None) or {}
+    per_layer_type = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
+    kinds = {r.get("rope_type") or r.get("type") for r in per_layer_type}
+    original = getattr(mc, "original_max_position_embeddings", None) or next(
+        (r["original_max_position_embeddings"] for r in per_layer_type if "original_max_position_embeddings" in r),
+        None,
+    )
+    if kinds & _POSITION_DEPENDENT_ROPE and original:
+        return original
+    return getattr(mc, "max_position_embeddings", None)
 
 
 def _stop_token_ids(model, tokenizer) -> frozenset[int]:

@@ -27,7 +27,7 @@ POINTERS = {
     "_expand_kernel": {"v_ptr": "fp32", "b_ptr": "io", "y_ptr": "io"},
     "_decode_kernel": {"q_ptr": "io", "k_ptr": "io", "v_ptr": "io", "out_ptr": "io"},
 }
-SCALARS = {"scale": "fp32"}  # every other scalar argument is an int32
+SCALARS = {"scale": "fp32", "softcap": "fp32"}  # every other scalar argument is an int32
 
 
 def compile_for(fn, io: str, constexprs: dict, capability: int):
@@ -77,8 +77,11 @@ def test_kernels_compile_to_cubin(tmp_path, monkeypatch, capability, io, k, spli
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize(("io", "block_size", "head_dim"), [("bf16", 16, 128), ("fp16", 32, 64), ("fp32", 5, 80)])
-def test_attention_kernel_compiles_to_cubin(tmp_path, monkeypatch, capability, io, block_size, head_dim):
+@pytest.mark.parametrize(
+    ("io", "block_size", "head_dim", "softcap"),
+    [("bf16", 16, 128, False), ("bf16", 16, 256, True), ("fp16", 32, 64, False), ("fp32", 5, 80, True)],
+)
+def test_attention_kernel_compiles_to_cubin(tmp_path, monkeypatch, capability, io, block_size, head_dim, softcap):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     try:
@@ -89,6 +92,7 @@ def test_attention_kernel_compiles_to_cubin(tmp_path, monkeypatch, capability, i
                 BLOCK_SIZE=block_size,
                 BLOCK_T=triton.next_power_of_2(block_size),
                 BLOCK_D=triton.next_power_of_2(head_dim),
+                USE_SOFTCAP=softcap,
             ),
             capability,
         )

@@ -50,23 +50,30 @@ def ragged_case(gen, dtype, num_seqs, heads, kv_heads, head_dim, block_size, max
     return q, keys, values, make_block_tables(block_ids, lengths, block_size), block_ids, lengths
 
 
-def attention64(q, keys, values, block_ids, lengths, block_size, scale):
+def attended(n: int, window: int | None) -> range:
+    """The positions the query of a sequence of n tokens attends to."""
+    return range(0 if window is None else max(n - window, 0), n)
+
+
+def attention64(q, keys, values, block_ids, lengths, block_size, scale, window=None, softcap=None):
     out = torch.empty(q.shape, dtype=torch.float64)
     group = q.shape[1] // keys.shape[1]
     for b, (ids, n) in enumerate(zip(block_ids, lengths, strict=True)):
-        slots = [ids[i // block_size] * block_size + i % block_size for i in range(n)]
+        slots = [ids[i // block_size] * block_size + i % block_size for i in attended(n, window)]
         k, v = keys[slots].double(), values[slots].double()  # [n, KVH, D]
         for h in range(q.shape[1]):
-            weights = torch.softmax(k[:, h // group] @ q[b, h].double() * scale, dim=0)
-            out[b, h] = weights @ v[:, h // group]
+            scores = k[:, h // group] @ q[b, h].double() * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            out[b, h] = torch.softmax(scores, dim=0) @ v[:, h // group]
     return out
 
 
-def poisoned(pool: torch.Tensor, block_ids, lengths, block_size) -> torch.Tensor:
-    """The pool with every slot outside the sequences' first `lengths` tokens set to NaN."""
+def poisoned(pool: torch.Tensor, block_ids, lengths, block_size, window=None) -> torch.Tensor:
+    """The pool with every slot the sequences' queries may not read set to NaN."""
     readable = torch.zeros(pool.shape[0], dtype=torch.bool)
     for ids, n in zip(block_ids, lengths, strict=True):
-        readable[[ids[i // block_size] * block_size + i % block_size for i in range(n)]] = True
+        readable[[ids[i // block_size] * block_size + i % block_size for i in attended(n, window)]] = True
     out = pool.clone()
     out[~readable] = float("nan")
     return out
@@ -103,6 +110,30 @@ def test_decode_attention_matches_float64(gen, dtype, heads, kv_heads, head_dim,
         assert err <= bound, f"{name} {dtype}: error {err:.3g} > {bound:.3g} (seed {gen.initial_seed()})"
     err = (kernel.double() - reference.double()).abs().max().item()
     assert err <= 2 * bound, f"triton vs reference: {err:.3g} (seed {gen.initial_seed()})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("window", "softcap"), [(1, None), (7, None), (16, None), (1000, None), (None, 2.0), (9, 1.5)])
+def test_sliding_windows_and_soft_capping_match_float64(gen, dtype, window, softcap):
+    """Mistral's, Qwen's and Gemma's sliding windows (the last `window` tokens only) and Gemma
+    2's soft-capped scores; for the kernel, the slots before a window are poisoned too."""
+    q, keys, values, tables, block_ids, lengths = ragged_case(gen, dtype, 5, 8, 2, 32, 4, max_len=40)
+    q = q * 4  # scores large enough for the cap to matter
+    expected = attention64(q, keys, values, block_ids, lengths, 4, 32**-0.5, window, softcap)
+    bound = TOLERANCE[dtype] * values.abs().max().item()
+    kernel = paged_decode_attention(
+        q,
+        poisoned(keys, block_ids, lengths, 4, window),
+        poisoned(values, block_ids, lengths, 4, window),
+        tables,
+        window=window,
+        softcap=softcap,
+        backend="triton",
+    )
+    reference = paged_decode_attention(q, keys, values, tables, window=window, softcap=softcap, backend="reference")
+    for name, out in (("triton", kernel), ("reference", reference)):
+        err = (out.double() - expected).abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (seed {gen.initial_seed()})"
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -144,6 +175,10 @@ def test_bad_arguments_are_refused():
         paged_decode_attention(torch.randn(1, 3, 8), pool, pool, tables)
     with pytest.raises(ValueError, match="sequences"):
         paged_decode_attention(torch.randn(2, 4, 8), pool, pool, tables)
+    with pytest.raises(ValueError, match="window"):
+        paged_decode_attention(q, pool, pool, tables, window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        paged_decode_attention(q, pool, pool, tables, softcap=0.0)
     with pytest.raises(ValueError, match="fit"):
         make_block_tables([[0]], [5], 4)
     with pytest.raises(ValueError, match="fit"):
