@@ -223,17 +223,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def quantization_config(path: Path, compute_dtype: torch.dtype):
-    """NF4 with double quantization, or the folder's own 4-bit settings if it was saved
-    quantized; computing in `compute_dtype` either way."""
+def nf4_config(compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
-    try:
-        saved = prequantized_4bit(json.loads((path / "config.json").read_text()), path)
-    except (OSError, json.JSONDecodeError):
-        saved = None
-    if saved is not None:
-        return BitsAndBytesConfig.from_dict({**saved, "bnb_4bit_compute_dtype": compute_dtype})
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -259,18 +251,26 @@ def load_nf4_model(
 ):
     """The base model with every linear layer of its decoder quantized to NF4 (double quant), or
     as the folder's own bitsandbytes 4-bit weights where it was saved quantized."""
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
     try:
+        saved = prequantized_4bit(json.loads((spec.path / "config.json").read_text()), spec.path)
+        # Even `quantization_config=None` would override a saved folder's own.
+        quantization = {} if saved else {"quantization_config": nf4_config(compute_dtype)}
         model = AutoModelForCausalLM.from_pretrained(
             spec.path,
-            quantization_config=quantization_config(spec.path, compute_dtype),
             dtype=compute_dtype,
             device_map={"": device},
             attn_implementation=attn_implementation,
+            **quantization,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {spec.path}: {str(exc).splitlines()[0]}") from None
+    if saved:  # its layers compute in the dtype they were saved with; Plait's choice wins
+        for layer in model.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.compute_dtype = compute_dtype
     model.eval()
     model.requires_grad_(False)
     return model

@@ -92,3 +92,32 @@ def test_a_mixed_paged_batch_equals_peft_on_each_sequence_alone(architecture, to
     # Each adapter changes the answers far beyond the tolerance: serving the bare base model
     # instead could not pass.
     assert all(m > 50 * ATOL for m in moved.values()), (model_type, moved)
+
+
+@pytest.mark.parametrize(
+    ("rope", "limit"),
+    [
+        ({"rope_type": "default", "rope_theta": 10000.0}, 256),
+        ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8, "rope_theta": 10000.0}, 32),
+    ],
+)
+def test_longrope_models_are_served_within_their_original_context(tokenizer, rope, limit):
+    """LongRoPE picks its frequencies from the longest position in the forward pass, so in a
+    flattened batch one long sequence would change the others': Plait stops at the original
+    context, where every sequence uses the short factors as it would alone."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+        rope_parameters=rope,
+    )
+    model = Phi3ForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_tokens=1024), CPU, Metrics())
+    assert engine.max_model_len == limit
