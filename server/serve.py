@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from plait.server.adapters.base_identity import served_identities
 from plait.server.adapters.format import base_lora_targets, read_adapter
 from plait.server.adapters.fusions import FusionStore
 from plait.server.adapters.merge import merge_adapters
@@ -213,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         max_n=args.max_n,
         model_type=getattr(model.config, "model_type", None),
+        base_identities=served_identities((spec.name, getattr(model.config, "_name_or_path", None))),
     )
 
     try:

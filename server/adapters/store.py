@@ -94,6 +94,7 @@ class StoredAdapter:
     rank: int
     target_modules: tuple[str, ...]
     size_bytes: int  # the two adapter files together
+    base_model_name: str | None  # the base it names as trained on (base_model_name_or_path)
 
 
 class AdapterStore:
@@ -130,6 +131,7 @@ class AdapterStore:
                     "rank": adapter.rank,
                     "target_modules": list(adapter.target_modules),
                     "size_bytes": sum(len(data) for data in files.values()),
+                    "base_model": adapter.base_model_name,
                 }
                 write_durably(staging / META, json.dumps(meta).encode())
                 _fsync_dir(staging)
@@ -253,6 +255,7 @@ def _stored(path: Path, meta: dict) -> StoredAdapter:
         rank=meta["rank"],
         target_modules=tuple(meta["target_modules"]),
         size_bytes=meta["size_bytes"],
+        base_model_name=meta.get("base_model"),
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict
 
+from plait.server.adapters.base_identity import base_model_warning
 from plait.server.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from plait.server.adapters.store import StoredAdapter
 from plait.server.adapters.uploads import files_from_archive
@@ -27,17 +28,20 @@ router = APIRouter()
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
-def adapter_object(stored: StoredAdapter, base_model: str) -> dict:
+def adapter_object(ctx: ServerContext, stored: StoredAdapter) -> dict:
+    warning = base_model_warning(stored.base_model_name, ctx.base_identities)
     return {
         "id": stored.id,
         "object": "adapter",
         "created": stored.created,
         "owned_by": "plait",
-        "parent": base_model,
+        "parent": ctx.model_name,
         "version": stored.version,
         "rank": stored.rank,
         "target_modules": list(stored.target_modules),
         "size_bytes": stored.size_bytes,
+        "base_model_name_or_path": stored.base_model_name,
+        "warnings": [warning] if warning else [],
     }
 
 
@@ -65,17 +69,17 @@ async def upload_adapter(
         archive = io.BytesIO(next(iter(contents.values())))
         contents = await asyncio.to_thread(files_from_archive, archive, budget)
     stored = await asyncio.to_thread(ctx.put_adapter, id, contents)
-    return adapter_object(stored, ctx.model_name)
+    return adapter_object(ctx, stored)
 
 
 @router.get("/v1/adapters", dependencies=[Depends(require_api_key)], responses=error_responses(401))
 def list_adapters(ctx: ServerContext = Depends(get_context)):
-    return {"object": "list", "data": [adapter_object(a, ctx.model_name) for a in ctx.store.list()]}
+    return {"object": "list", "data": [adapter_object(ctx, a) for a in ctx.store.list()]}
 
 
 @router.get("/v1/adapters/{adapter_id}", dependencies=[Depends(require_api_key)], responses=error_responses(401, 404))
 def get_adapter(adapter_id: str, ctx: ServerContext = Depends(get_context)):
-    return adapter_object(ctx.stored_adapter(adapter_id), ctx.model_name)
+    return adapter_object(ctx, ctx.stored_adapter(adapter_id))
 
 
 @router.delete(
@@ -118,7 +122,7 @@ def load_lora_adapter(body: LoadLoRARequest, ctx: ServerContext = Depends(get_co
             "adapter_exists",
         )
     stored = ctx.put_adapter_folder(body.lora_name, folder)
-    return adapter_object(stored, ctx.model_name)
+    return adapter_object(ctx, stored)
 
 
 @router.post(

@@ -10,12 +10,14 @@ forget its old versions.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
 
+from plait.server.adapters.base_identity import base_model_warning
 from plait.server.adapters.format import read_adapter
 from plait.server.adapters.fusions import FusionStore
 from plait.server.adapters.routers import RouterCache
@@ -27,6 +29,8 @@ from plait.server.engine import Engine
 from plait.server.errors import ClientError, Conflict, NotFound
 from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
+
+log = logging.getLogger("plait.server")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ServerContext:
     default_max_tokens: int = 1024
     max_n: int = 8  # choices one request may ask for
     model_type: str | None = None  # the base model's config.model_type, which decides how tools are shown
+    base_identities: frozenset[str] = frozenset()  # the served model's (see adapters.base_identity)
     fine_tuning: FineTuning | None = None  # files and fine-tuning jobs (plait.server.fine_tuning)
     created: int = field(default_factory=lambda: int(time.time()))
     # Characters a single token can stand for, at most: a text longer than the context times
@@ -77,6 +82,9 @@ class ServerContext:
             raise InvalidAdapterId(f"'{adapter_id}' is a fusion's name")
         stored = self.store.put(adapter_id, files, self.read_adapter)
         self._forget(adapter_id, keep_version=stored.version)
+        warning = base_model_warning(stored.base_model_name, self.base_identities)
+        if warning:
+            log.warning("adapter %r: %s", adapter_id, warning)
         return stored
 
     def put_adapter_folder(self, adapter_id: str, folder: Path) -> StoredAdapter:

@@ -40,7 +40,7 @@ def _card(ctx: ServerContext, obj: dict) -> dict:
 
 @router.get("/v1/models", responses=error_responses(401))
 def list_models(ctx: ServerContext = Depends(get_context)):
-    adapters = [_card(ctx, adapter_object(a, ctx.model_name)) for a in ctx.store.list()]
+    adapters = [_card(ctx, adapter_object(ctx, a)) for a in ctx.store.list()]
     fusions = [_card(ctx, fusion_object(f, ctx.model_name)) for f in ctx.fusions.list()]
     return {"object": "list", "data": [_base_card(ctx), *adapters, *fusions]}
 
@@ -54,5 +54,5 @@ def get_model(model_id: str, ctx: ServerContext = Depends(get_context)):
         return _card(ctx, fusion_object(fusion, ctx.model_name))
     stored = ctx.store.get(model_id)
     if stored is not None:
-        return _card(ctx, adapter_object(stored, ctx.model_name))
+        return _card(ctx, adapter_object(ctx, stored))
     raise NotFound(f"The model '{model_id}' does not exist.", "model", "model_not_found")

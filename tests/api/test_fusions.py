@@ -279,3 +279,18 @@ def test_train_router_refuses_bad_arguments_before_loading_anything(tmp_path):
     ]:
         done = subprocess.run(base + extra, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
+
+
+def test_an_adapter_trained_on_another_base_is_served_with_a_warning(server, random_adapter, tmp_path):
+    random_adapter(tmp_path / "quantized-copy", seed=4, base="unsloth/SmolLM2-135M-Instruct-bnb-4bit")
+    with server.http() as http:
+        assert _upload(http, "from-unsloth", tmp_path / "quantized-copy").status_code == 201
+        records = {a["id"]: a for a in http.get("/v1/adapters").json()["data"]}
+        other = http.get("/v1/adapters/other-base").json()
+    # The same model under a pre-quantized copy's name: no warning.
+    assert records["from-unsloth"]["warnings"] == [] and records["skill-a"]["warnings"] == []
+    assert records["from-unsloth"]["base_model_name_or_path"] == "unsloth/SmolLM2-135M-Instruct-bnb-4bit"
+    assert other["base_model_name_or_path"] == "SomeOtherModel-1B"
+    assert len(other["warnings"]) == 1 and "trained on 'SomeOtherModel-1B'" in other["warnings"][0]
+    assert records["other-base"]["warnings"] == other["warnings"]
+    assert _ask(server, "other-base")["choices"][0]["message"]["content"]  # served all the same
