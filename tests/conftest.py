@@ -96,10 +96,46 @@ ARCHITECTURES = {
 }
 
 
+# Each family's own chat template (tests/fixtures/chat_templates, verbatim) and the markers its
+# real tokenizer holds as special tokens, added to the embedded model's tokenizer to stand in.
+CHAT_TEMPLATES = {
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "mistral": ("[INST]", "[/INST]"),
+    "qwen2_5": (),
+    "qwen3": (),
+    "gemma2": ("<start_of_turn>", "<end_of_turn>"),
+    "gemma3": ("<start_of_turn>", "<end_of_turn>"),
+    "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    "phi4": ("<|im_sep|>",),
+}
+FAMILY_TEMPLATE = {
+    "llama": "llama3",
+    "mistral": "mistral",
+    "qwen2": "qwen2_5",
+    "qwen3": "qwen3",
+    "gemma": "gemma2",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
+SPARE_VOCAB = 16  # embedding rows past the embedded tokenizer's, for the markers above
+
+
+def chat_tokenizer(template: str):
+    """The embedded model's tokenizer with one family's chat template and special tokens."""
+    from plait.server.base_model import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(None))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TEMPLATES[template])})
+    tokenizer.chat_template = (Path(__file__).parent / "fixtures" / "chat_templates" / f"{template}.jinja").read_text()
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_architecture(tokenizer, tmp_path_factory):
     """Makes (once per session) a Hugging Face folder holding a tiny random model of one of
-    `ARCHITECTURES`, in bf16 with the embedded model's tokenizer, as `plait serve --model` reads."""
+    `ARCHITECTURES`, in bf16, with the embedded model's tokenizer carrying the family's own chat
+    template, as `plait serve --model` and `plait train --model` read it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("architectures")
@@ -109,7 +145,7 @@ def tiny_architecture(tokenizer, tmp_path_factory):
         if not folder.is_dir():
             config = AutoConfig.for_model(
                 model_type,
-                vocab_size=len(tokenizer),
+                vocab_size=len(tokenizer) + SPARE_VOCAB,
                 hidden_size=64,
                 intermediate_size=128,
                 num_hidden_layers=4,
@@ -123,7 +159,7 @@ def tiny_architecture(tokenizer, tmp_path_factory):
             )
             torch.manual_seed(sorted(ARCHITECTURES).index(model_type))
             AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+            chat_tokenizer(FAMILY_TEMPLATE[model_type]).save_pretrained(folder)
         return folder
 
     return make
@@ -250,6 +286,12 @@ def _score_with_peft(model, adapter: str | None, prompt_ids: list[int], new_ids:
             logits = model(input_ids=ids).logits[0].float()
     scores = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
     return scores.gather(1, torch.tensor(list(new_ids))[:, None]).squeeze(1)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizers():
+    """`make(template)`: see `chat_tokenizer`."""
+    return chat_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.server.fine_tuning.contract import Conversation
+from plait.server.fine_tuning.contract import Conversation, accepts_system_role, for_template
 
 IGNORE_INDEX = -100  # the label cross-entropy skips (PyTorch's and transformers' convention)
 
@@ -33,7 +33,7 @@ class TokenizedExample:
 def render(tokenizer, messages: Conversation, add_generation_prompt: bool = False) -> str:
     if not tokenizer.chat_template:
         raise TemplateError("the model's tokenizer has no chat template")
-    chat = [{"role": m.role, "content": m.content} for m in messages]
+    chat = for_template([{"role": m.role, "content": m.content} for m in messages], accepts_system_role(tokenizer))
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -74,9 +74,11 @@ def tokenize_conversation(tokenizer, messages: Conversation, max_seq_len: int) -
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"][:max_seq_len]
     offsets = encoding["offset_mapping"][:max_seq_len]
+    # A token is trained if it overlaps a span: where a template writes "[/INST] " + reply
+    # (Mistral), the reply's first token is " The", starting one character before the reply.
     labels = [
-        token if any(start <= token_start < end for start, end in spans) else IGNORE_INDEX
-        for token, (token_start, _) in zip(input_ids, offsets, strict=True)
+        token if any(token_start < end and start < token_end for start, end in spans) else IGNORE_INDEX
+        for token, (token_start, token_end) in zip(input_ids, offsets, strict=True)
     ]
     example = TokenizedExample(input_ids, labels)
     return example if example.trained_tokens else None

@@ -37,6 +37,7 @@ from xgrammar.structural_tag import (
 
 from plait.server.api.protocol import ChatCompletionRequest, ChatMessage
 from plait.server.errors import ClientError
+from plait.server.fine_tuning.contract import accepts_system_role, for_template
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # Model types whose chat template renders tools, calls and results in Hermes' format.
@@ -70,6 +71,7 @@ class ChatFormat:
     def __init__(self, tokenizer, model_type: str | None):
         self.tokenizer = tokenizer
         self.native_tools = model_type in HERMES_TEMPLATES and "tools" in (tokenizer.chat_template or "")
+        self.system_role = accepts_system_role(tokenizer)
 
     def prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
         """The request's messages (and tools) through the chat template. Blocking: tokenizes."""
@@ -80,7 +82,11 @@ class ChatFormat:
             messages, kwargs = self._written_out(body.messages, tools), {}
         try:
             return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
+                for_template(messages, self.system_role),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+                **kwargs,
             )
         except Exception as exc:  # the template itself refuses some orders of roles
             message = f"The messages cannot be formatted with the model's chat template: {exc}"

@@ -15,6 +15,9 @@ without pulling in the server:
 - **Events.** One JSON object per line in `--events`, appended by the trainer
   (`EventWriter`) and followed by the server while the trainer runs (`EventReader`).
 - **Steps.** How many optimizer steps one epoch takes (`steps_per_epoch`).
+- **Chats through a template.** Where a model's chat template refuses a system role (Gemma
+  2), system messages are folded into the first user message, in training and in serving
+  alike (`for_template`).
 """
 
 from __future__ import annotations
@@ -178,6 +181,35 @@ def _json_type(value: object) -> str:
 
 
 # --- steps and the command line -------------------------------------------------------------
+
+
+def accepts_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message (Gemma 2's raises)."""
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template refuses with whatever its author raised
+        return False
+    return True
+
+
+def for_template(messages: list[dict], system_role: bool) -> list[dict]:
+    """The messages as a template takes them: unchanged, or without a system role the leading
+    system messages folded into the first user message, as Gemma 3's own template does."""
+    if system_role:
+        return messages
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    if not lead:
+        return messages
+    system = "\n\n".join(m["content"] for m in messages[:lead])
+    rest = [dict(m) for m in messages[lead:]]
+    if rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    else:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
 
 
 def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:

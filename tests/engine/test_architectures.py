@@ -85,7 +85,9 @@ def test_a_mixed_paged_batch_equals_peft_on_each_sequence_alone(architecture, to
         assert out.error is None and len(out.token_ids) == NEW_TOKENS, (model_type, out.error)
         got = torch.tensor([lp.logprob for lp in out.logprobs])
         expected = peft_logprobs(peft, adapter, prompts[i], out.token_ids)
-        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"{model_type} {adapter} prompt {i}")
+        torch.testing.assert_close(
+            got, expected, atol=ATOL, rtol=0, msg=lambda m: f"{model_type} {adapter} prompt {i}: {m}"
+        )
         if adapter is not None:
             base = peft_logprobs(peft, None, prompts[i], out.token_ids)
             moved[adapter] = max(moved[adapter], float((got - base).abs().max()))
