@@ -43,7 +43,9 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
-    p.add_argument("--model", help="local Hugging Face model folder (Llama family); default: embedded SmolLM2-135M")
+    p.add_argument(
+        "--model", help="local Hugging Face model folder (see the README's Base models); default: embedded SmolLM2-135M"
+    )
     p.add_argument("--served-model-name", help="the id clients use for the base model (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

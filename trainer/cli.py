@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="?", help="training JSONL: OpenAI chat {messages}, {prompt, completion} or Alpaca")
     p.add_argument("--output", "-o", help="folder to write the adapter into (must not exist yet)")
     p.add_argument("--config", help="TOML or YAML file holding any of these flags (long names); flags override it")
-    p.add_argument("--model", help="local Hugging Face model folder (Llama family); default: embedded SmolLM2-135M")
+    p.add_argument(
+        "--model", help="local Hugging Face model folder (see the README's Base models); default: embedded SmolLM2-135M"
+    )
     p.add_argument("--eval-file", "--validation-file", dest="eval_file", help="JSONL for eval loss (same formats)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")

@@ -69,7 +69,9 @@ def test_chats_with_and_without_the_adapter_match_peft(served, peft_logprobs):
             ids = [int(t["token"].removeprefix("token_id:")) for t in content]
             got = torch.tensor([t["logprob"] for t in content])
             expected = peft_logprobs(peft, "default" if adapter else None, prompt, ids)
-            torch.testing.assert_close(got, expected, atol=2e-3, rtol=0, msg=lambda m: f"{model_type} {adapter}: {m}")
+            torch.testing.assert_close(
+                got, expected, atol=2e-3, rtol=0, msg=lambda m, where=f"{model_type} {adapter}": f"{where}: {m}"
+            )
             if adapter:
                 moved = float((got - peft_logprobs(peft, None, prompt, ids)).abs().max())
     assert moved > 0.1

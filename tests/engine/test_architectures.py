@@ -86,7 +86,7 @@ def test_a_mixed_paged_batch_equals_peft_on_each_sequence_alone(architecture, to
         got = torch.tensor([lp.logprob for lp in out.logprobs])
         expected = peft_logprobs(peft, adapter, prompts[i], out.token_ids)
         torch.testing.assert_close(
-            got, expected, atol=ATOL, rtol=0, msg=lambda m: f"{model_type} {adapter} prompt {i}: {m}"
+            got, expected, atol=ATOL, rtol=0, msg=lambda m, where=f"{model_type} {adapter} prompt {i}": f"{where}: {m}"
         )
         if adapter is not None:
             base = peft_logprobs(peft, None, prompts[i], out.token_ids)
