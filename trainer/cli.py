@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from plait.server.fine_tuning.contract import ERROR_PREFIX
-from plait.trainer.config import FIELDS, ConfigError, TrainConfig, build_config, load_config_file
-from plait.trainer.data import DataError, Example, read_examples
+from plait.trainer.config import FIELDS, MAX_BETA, METHODS, ConfigError, TrainConfig, build_config, load_config_file
+from plait.trainer.data import DataError, Example, PairExample, read_examples, read_pairs
 
 DTYPES = ("auto", "bfloat16", "float32")
 # plait.server.base_model.CPU_WEIGHTS, spelt out: importing that module imports torch, which
@@ -32,13 +32,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     # Every default is None here so that a flag left out can be told from one given: the
     # config file fills the first kind, and the TrainConfig defaults (shown in help) the rest.
-    p.add_argument("data", nargs="?", help="training JSONL: OpenAI chat {messages}, {prompt, completion} or Alpaca")
+    p.add_argument(
+        "data",
+        nargs="?",
+        help="training JSONL: OpenAI chat {messages}, {prompt, completion} or Alpaca; "
+        "for --method dpo, preference pairs (OpenAI's or TRL's format)",
+    )
     p.add_argument("--output", "-o", help="folder to write the adapter into (must not exist yet)")
     p.add_argument("--config", help="TOML or YAML file holding any of these flags (long names); flags override it")
     p.add_argument(
         "--model", help="local Hugging Face model folder (see the README's Base models); default: embedded SmolLM2-135M"
     )
     p.add_argument("--eval-file", "--validation-file", dest="eval_file", help="JSONL for eval loss (same formats)")
+    g = p.add_argument_group("method")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        help="sft: learn the answers in the data (default); dpo: learn to prefer one answer to another "
+        "(preference pairs, OpenAI's or TRL's format)",
+    )
+    g.add_argument(
+        "--beta", type=float, help=f"DPO: how far the adapter may move from the reference (default {d.beta})"
+    )
+    g.add_argument(
+        "--init-adapter",
+        metavar="PATH",
+        help="a PEFT adapter folder to continue from; its rank and targets are kept, and for DPO it is the reference",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help=f"passes over the data (default {d.epochs})")
     g.add_argument("--max-steps", type=int, help="optimizer steps to take; overrides --epochs")
@@ -91,8 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = resolve_config(args)
-        train_examples = read_examples(config.data)
-        eval_examples = read_examples(config.eval_file) if config.eval_file else []
+        read = read_pairs if config.method == "dpo" else read_examples
+        train_examples = read(config.data)
+        eval_examples = read(config.eval_file) if config.eval_file else []
         output, run_dir, resume_from = prepare_output(config)
         if resume_from is not None:
             check_resumable(config, resume_from)
@@ -107,9 +128,19 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
+# What an --init-adapter brings itself.
+ADAPTER_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     file_settings = load_config_file(args.config) if args.config else {}
-    config = build_config(file_settings, {name: getattr(args, name) for name in FIELDS})
+    flags = {name: getattr(args, name) for name in FIELDS}
+    config = build_config(file_settings, flags)
+    given = [n for n in ADAPTER_SETTINGS if flags.get(n) is not None or n in file_settings]
+    if config.init_adapter and given:
+        raise ConfigError(
+            f"--{given[0].replace('_', '-')} cannot be combined with --init-adapter: the adapter keeps its own"
+        )
     if config.admin_key is None and os.environ.get("PLAIT_ADMIN_KEY"):
         config = dataclasses.replace(config, admin_key=os.environ["PLAIT_ADMIN_KEY"])
     check_config(config)
@@ -140,6 +171,12 @@ def check_config(c: TrainConfig) -> None:
         (c.threads is None or c.threads >= 1, "--threads must be at least 1"),
         (c.eval_every is None or c.eval_every >= 1, "--eval-every must be at least 1"),
         (c.save_every >= 0, "--save-every must not be negative"),
+        (c.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
+        (0 < c.beta <= MAX_BETA, f"--beta must be in (0, {MAX_BETA:g}]"),
+        (
+            c.init_adapter is None or (Path(c.init_adapter).expanduser() / "adapter_config.json").is_file(),
+            f"--init-adapter: {c.init_adapter} is not a PEFT adapter folder (no adapter_config.json)",
+        ),
     ]
     for ok, message in problems:
         if not ok:
@@ -177,8 +214,8 @@ def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
 
 def train_adapter(
     config: TrainConfig,
-    train_examples: list[Example],
-    eval_examples: list[Example],
+    train_examples: list[Example] | list[PairExample],
+    eval_examples: list[Example] | list[PairExample],
     output: Path,
     run_dir: Path,
     resume_from: Path | None,
@@ -190,6 +227,7 @@ def train_adapter(
     from plait.server.fine_tuning.contract import DoneEvent, EventWriter
     from plait.trainer.loop import train
     from plait.trainer.model import LoraSettings, compute_dtype, load_for_training
+    from plait.trainer.objectives import DPO, SFT
 
     transformers.utils.logging.disable_progress_bar()  # the training bar is the one to watch
     started = time.perf_counter()
@@ -209,7 +247,10 @@ def train_adapter(
             config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules, config.use_rslora
         )
         _info(f"loading {spec.name} from {spec.path} on {device} (NF4, {str(dtype).removeprefix('torch.')} compute)")
-        model = load_for_training(spec, device, dtype, lora, config.gradient_checkpointing, config.cpu_weights)
+        init_adapter = Path(config.init_adapter).expanduser() if config.init_adapter else None
+        model = load_for_training(
+            spec, device, dtype, lora, config.gradient_checkpointing, config.cpu_weights, init_adapter
+        )
     except (ConfigError, DataError, ModelLoadError, RuntimeError) as exc:
         return _fail(exc)
 
@@ -217,8 +258,19 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     events = EventWriter(config.events)
     try:
+        objective = DPO(config.beta) if config.method == "dpo" else SFT()
         progress = train(
-            model, train_set, eval_set, config, device, pad_id, run_dir, run_settings(config), resume_from, events.write
+            model,
+            train_set,
+            eval_set,
+            config,
+            device,
+            pad_id,
+            run_dir,
+            run_settings(config),
+            resume_from,
+            events.write,
+            objective,
         )
         finish(
             model,
@@ -255,14 +307,18 @@ def run_settings(config: TrainConfig) -> dict:
     return settings
 
 
-def tokenize_examples(tokenizer, examples: list[Example], config: TrainConfig, path: Path):
-    """Token ids and labels for each example; those cut before any answer token are skipped, and said so."""
-    from plait.trainer.masking import TemplateError, tokenize_conversation
+def tokenize_examples(tokenizer, examples: list[Example] | list[PairExample], config: TrainConfig, path: Path):
+    """Token ids and labels for each example (each side of a pair); those cut before any answer
+    token are skipped, and said so."""
+    from plait.trainer.masking import TemplateError, tokenize_conversation, tokenize_pair
 
     tokenized, skipped, problems = [], [], []
     for example in examples:
         try:
-            result = tokenize_conversation(tokenizer, example.messages, config.max_seq_len)
+            if isinstance(example, PairExample):
+                result = tokenize_pair(tokenizer, example.pair, config.max_seq_len)
+            else:
+                result = tokenize_conversation(tokenizer, example.messages, config.max_seq_len)
         except TemplateError as exc:
             problems.append(f"line {example.line}: {exc}")
             continue
@@ -321,10 +377,13 @@ def finish(
         "wall_seconds": round(wall_seconds, 3),
         "peak_memory": peak_memory(device),
         "resumed_from_step": int(resumed_from.name.removeprefix("step-")) if resumed_from else None,
+        "method": config.method,
         "final_train_loss": progress.train_loss[-1][1],
         "final_eval_loss": progress.eval_loss[-1][1] if progress.eval_loss else None,
         "train_loss": progress.train_loss,
         "eval_loss": progress.eval_loss,
+        "train_metrics": progress.train_metrics,
+        "eval_metrics": progress.eval_metrics,
         "step_times": progress.step_times,
         "config": config.public(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+METHODS = ("sft", "dpo")
+MAX_BETA = 2.0  # OpenAI's bound on DPO's beta
 # Flag spellings that name the same setting (OpenAI and others call it a validation file).
 ALIASES = {"validation_file": "eval_file"}
 
@@ -27,6 +29,10 @@ class TrainConfig:
     output: str | None = None
     model: str | None = None
     eval_file: str | None = None
+    # what is learnt: supervised fine-tuning, or preference tuning (DPO) with its beta
+    method: str = "sft"
+    beta: float = 0.1
+    init_adapter: str | None = None  # a PEFT adapter to start from (and, for DPO, the reference)
     # optimization
     epochs: int = 3
     max_steps: int | None = None

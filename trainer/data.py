@@ -1,4 +1,5 @@
-"""Reading training files: JSONL in OpenAI's chat format, prompt/completion, or Alpaca.
+"""Reading training files: JSONL in OpenAI's chat format, prompt/completion, or Alpaca; for DPO,
+preference pairs in OpenAI's or TRL's format.
 
 Pure Python on purpose (no torch, no tokenizer): the whole file is checked before a model is
 loaded, so every malformed line is reported at once, by line number, in a second. What a
@@ -11,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from plait.server.fine_tuning.contract import Conversation, parse_lines
+from plait.server.fine_tuning.contract import (
+    Conversation,
+    PreferencePair,
+    parse_example,
+    parse_lines,
+    parse_preference,
+)
 
 MAX_LISTED_PROBLEMS = 20
 
@@ -20,6 +27,12 @@ MAX_LISTED_PROBLEMS = 20
 class Example:
     line: int  # where it came from, for messages about it later (truncation, templates)
     messages: Conversation
+
+
+@dataclass(frozen=True)
+class PairExample:
+    line: int
+    pair: PreferencePair
 
 
 class DataError(Exception):
@@ -48,23 +61,31 @@ class DataError(Exception):
 
 def read_examples(path: str | Path) -> list[Example]:
     """Every example in a JSONL file as a conversation, or a DataError listing each bad line."""
-    path = Path(path)
-    examples: list[Example] = []
+    return [Example(number, messages) for number, messages in _read(Path(path), parse_example)]
+
+
+def read_pairs(path: str | Path) -> list[PairExample]:
+    """Every preference pair in a JSONL file, or a DataError listing each bad line."""
+    return [PairExample(number, pair) for number, pair in _read(Path(path), parse_preference)]
+
+
+def _read(path: Path, parse) -> list[tuple[int, object]]:
+    parsed_lines: list[tuple[int, object]] = []
     problems: list[str] = []
     total_problems = 0
     try:
         with open(path, "rb") as file:
-            for number, parsed in parse_lines(file):
+            for number, parsed in parse_lines(file, parse):
                 if isinstance(parsed, ValueError):
                     total_problems += 1
                     if len(problems) < MAX_LISTED_PROBLEMS:
                         problems.append(f"line {number}: {parsed}")
                 else:
-                    examples.append(Example(number, parsed))
+                    parsed_lines.append((number, parsed))
     except OSError as exc:
         raise DataError(path, [f"cannot be read: {exc.strerror or exc}"]) from None
     if total_problems:
         raise DataError(path, problems, total_problems)
-    if not examples:
+    if not parsed_lines:
         raise DataError(path, ["has no examples"])
-    return examples
+    return parsed_lines

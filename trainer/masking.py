@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.server.fine_tuning.contract import Conversation, accepts_system_role, for_template
+from plait.server.fine_tuning.contract import Conversation, PreferencePair, accepts_system_role, for_template
 
 IGNORE_INDEX = -100  # the label cross-entropy skips (PyTorch's and transformers' convention)
 
@@ -88,3 +88,19 @@ def _special_tokens(tokenizer) -> set[str]:
     # The end-of-turn marker is a special token (<|im_end|>, <|eot_id|>, </s>); the empty
     # string never matches usefully and is left out.
     return {t for t in tokenizer.all_special_tokens if t}
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair as DPO trains on it: the prompt with each answer, only the answer trained."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    # Log-probabilities of both answers under the reference model (the starting point), once known.
+    reference: tuple[float, float] | None = None
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair, max_seq_len: int) -> TokenizedPair | None:
+    """Both sides cut to max_seq_len tokens; None when a cut leaves either answer no trained token."""
+    chosen, rejected = (tokenize_conversation(tokenizer, c, max_seq_len) for c in pair.conversations())
+    return TokenizedPair(chosen, rejected) if chosen and rejected else None

@@ -87,6 +87,7 @@ class ChatFormat:
                 tokenize=True,
                 return_dict=False,
                 **kwargs,
+                **(body.chat_template_kwargs or {}),
             )
         except Exception as exc:  # the template itself refuses some orders of roles
             message = f"The messages cannot be formatted with the model's chat template: {exc}"

@@ -269,6 +269,13 @@ class GenerationRequest(_Body):
         return present[0] if present else None
 
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not replace.
+RENDERING_ARGUMENTS = frozenset(
+    {"conversation", "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize"}
+    | {"return_dict", "return_tensors", "chat_template", "tokenizer_kwargs", "padding", "truncation", "max_length"}
+)
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -279,6 +286,7 @@ class ChatCompletionRequest(GenerationRequest):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     # Refused: what Plait cannot do with a text model.
     audio: dict | None = None
     modalities: list[str] | None = None
@@ -294,8 +302,19 @@ class ChatCompletionRequest(GenerationRequest):
     )
     _deprecated = _refuse_unless_neutral("functions", "function_call", why="not supported: use tools and tool_choice")
     _no_reasoning = _refuse_unless_neutral(
-        "reasoning_effort", "verbosity", why="not supported: the served models are not reasoning models"
+        "reasoning_effort",
+        "verbosity",
+        why="not supported: where the model's chat template has a switch, use chat_template_kwargs "
+        '(Qwen3: {"enable_thinking": false})',
     )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(kwargs or ()) & RENDERING_ARGUMENTS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set here: the server renders the messages itself")
+        return kwargs
 
     @field_validator("modalities")
     @classmethod

@@ -5,8 +5,9 @@ only here, and this module imports nothing else of plait, so the trainer can imp
 without pulling in the server:
 
 - **Training data.** The three JSONL formats (OpenAI chat `{"messages": [...]}`, `{"prompt",
-  "completion"}`, Alpaca `instruction`/`input`/`output`), how a file splits into lines, and
-  the check of each line (`parse_lines`, `parse_example`). The server refuses an upload by
+  "completion"}`, Alpaca `instruction`/`input`/`output`), the two of preference pairs
+  (OpenAI's, TRL's), how a file splits into lines, and the check of each line
+  (`parse_lines`, `parse_example`, `parse_preference`). The server refuses an upload by
   exactly the rules the trainer reads it with.
 - **The command line.** `TrainerRun` is a job's run of the trainer; `command()` is the
   `python -m plait.cli train ...` line the server starts.
@@ -27,10 +28,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import BinaryIO, ClassVar, TypeVar
 
 log = logging.getLogger("plait.fine_tuning")
 
@@ -59,36 +60,12 @@ class Message:
 
 
 Conversation = tuple[Message, ...]
-
-
-def parse_lines(file: BinaryIO) -> Iterator[tuple[int, Conversation | ValueError]]:
-    """Each non-blank line of a JSONL file, numbered from 1, as a conversation or what is wrong with it.
-
-    Lines end where `bytes.splitlines` ends them ("\\r" too); the file is read a line at a
-    time, so its size does not matter.
-    """
-    number = 0
-    for chunk in file:
-        for line in chunk.splitlines() or [b""]:
-            number += 1
-            if not line.strip():
-                continue  # blank lines (a trailing newline, a separator) carry no example
-            try:
-                yield number, parse_example(_decode(line, first=number == 1))
-            except ValueError as exc:
-                yield number, exc
+T = TypeVar("T")
 
 
 def parse_example(line: str) -> Conversation:
     """One JSONL line as a conversation; ValueError says what is wrong with it."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise ValueError("invalid JSON (nested too deeply)") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
+    record = _record(line)
     if "messages" in record:
         extra = sorted(set(record) - {"messages"})
         if extra:
@@ -108,6 +85,126 @@ def parse_example(line: str) -> Conversation:
     raise ValueError(
         f"unknown format (keys: {keys}); expected messages, prompt + completion, or instruction + input + output"
     )
+
+
+def parse_lines(file: BinaryIO, parse: Callable[[str], T] = parse_example) -> Iterator[tuple[int, T | ValueError]]:
+    """Each non-blank line of a JSONL file, numbered from 1, as `parse` reads it (a conversation by
+    default, `parse_preference` for DPO) or what is wrong with it.
+
+    Lines end where `bytes.splitlines` ends them ("\\r" too); the file is read a line at a
+    time, so its size does not matter.
+    """
+    number = 0
+    for chunk in file:
+        for line in chunk.splitlines() or [b""]:
+            number += 1
+            if not line.strip():
+                continue  # blank lines (a trailing newline, a separator) carry no example
+            try:
+                yield number, parse(_decode(line, first=number == 1))
+            except ValueError as exc:
+                yield number, exc
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One example for preference tuning (DPO): a prompt, and an answer preferred to another."""
+
+    prompt: Conversation  # ends with a user message; nothing in it is trained on
+    preferred: str
+    non_preferred: str
+
+    def conversations(self) -> tuple[Conversation, Conversation]:
+        """The prompt followed by the preferred answer, and by the other one."""
+        return tuple(
+            (*(dataclasses.replace(m, trained=False) for m in self.prompt), Message("assistant", answer, trained=True))
+            for answer in (self.preferred, self.non_preferred)
+        )
+
+
+def parse_preference(line: str) -> PreferencePair:
+    """One JSONL line of preference data; ValueError says what is wrong with it.
+
+    OpenAI's format, `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant",
+    "content": ...}], "non_preferred_output": [...]}`, or TRL's, `{"prompt", "chosen",
+    "rejected"}` each a string or (prompt) a list of messages and (answers) a list of one
+    assistant message.
+    """
+    record = _record(line)
+    if {"input", "preferred_output", "non_preferred_output"} & set(record):
+        _keys(record, ("input", "preferred_output", "non_preferred_output"))
+        given = record["input"]
+        if not isinstance(given, dict):
+            raise ValueError(f'"input" must be an object, got {_json_type(given)}')
+        if "tools" in given or "functions" in given:
+            raise ValueError("input: tool and function definitions are not supported")
+        _keys(given, ("messages",), where="input")
+        prompt = _prompt(given["messages"], "input.messages")
+        answers = [_answer(record[k], k) for k in ("preferred_output", "non_preferred_output")]
+        names = "preferred_output and non_preferred_output"
+    elif {"prompt", "chosen", "rejected"} & set(record):
+        _keys(record, ("prompt", "chosen", "rejected"))
+        given = record["prompt"]
+        prompt = (Message("user", given),) if isinstance(given, str) else _prompt(given, "prompt")
+        if not prompt[-1].content.strip():
+            raise ValueError('"prompt" is empty')
+        answers = [_answer(record[k], k) for k in ("chosen", "rejected")]
+        names = "chosen and rejected"
+    else:
+        keys = ", ".join(sorted(record)) or "none"
+        raise ValueError(
+            f"unknown preference format (keys: {keys}); expected input + preferred_output + "
+            "non_preferred_output, or prompt + chosen + rejected"
+        )
+    if answers[0] == answers[1]:
+        raise ValueError(f"{names} are identical: the pair prefers nothing")
+    return PreferencePair(prompt, *answers)
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {_json_type(record)}")
+    return record
+
+
+def _keys(record: dict, required: tuple[str, ...], where: str | None = None) -> None:
+    prefix = f"{where}: " if where else ""
+    unknown = sorted(set(record) - set(required))
+    if unknown:
+        raise ValueError(f"{prefix}unknown key {', '.join(unknown)} (expected {', '.join(required)})")
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ValueError(f"{prefix}missing {', '.join(missing)}")
+
+
+def _prompt(messages: object, name: str) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'"{name}" must be a non-empty list of messages')
+    parsed = tuple(dataclasses.replace(_message(i, m), trained=False) for i, m in enumerate(messages, start=1))
+    if parsed[-1].role != "user":
+        raise ValueError(f'"{name}" must end with a user message, the one the answers reply to')
+    return parsed
+
+
+def _answer(value: object, name: str) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and len(value) == 1:
+        message = _message(1, value[0])
+        if message.role != "assistant":
+            raise ValueError(f'"{name}" must hold an assistant message, not {message.role}')
+        text = message.content
+    else:
+        raise ValueError(f'"{name}" must be a list of one assistant message (or, TRL\'s way, a string)')
+    if not text.strip():
+        raise ValueError(f'"{name}" is empty')
+    return text
 
 
 def _decode(line: bytes, first: bool) -> str:
@@ -183,35 +280,6 @@ def _json_type(value: object) -> str:
 # --- steps and the command line -------------------------------------------------------------
 
 
-def accepts_system_role(tokenizer) -> bool:
-    """Whether the tokenizer's chat template renders a system message (Gemma 2's raises)."""
-    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    try:
-        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    except Exception:  # a template refuses with whatever its author raised
-        return False
-    return True
-
-
-def for_template(messages: list[dict], system_role: bool) -> list[dict]:
-    """The messages as a template takes them: unchanged, or without a system role the leading
-    system messages folded into the first user message, as Gemma 3's own template does."""
-    if system_role:
-        return messages
-    lead = 0
-    while lead < len(messages) and messages[lead]["role"] == "system":
-        lead += 1
-    if not lead:
-        return messages
-    system = "\n\n".join(m["content"] for m in messages[:lead])
-    rest = [dict(m) for m in messages[lead:]]
-    if rest and rest[0]["role"] == "user":
-        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-    else:
-        rest.insert(0, {"role": "user", "content": system})
-    return rest
-
-
 def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
     """Optimizer steps in one pass over `examples`: micro-batches of `batch_size`, `grad_accum`
     of them per step; the last micro-batch and the last step of an epoch may be short."""
@@ -264,6 +332,38 @@ class TrainerRun:
         return cmd
 
 
+# --- chats through a template ---------------------------------------------------------------
+
+
+def accepts_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message (Gemma 2's raises)."""
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template refuses with whatever its author raised
+        return False
+    return True
+
+
+def for_template(messages: list[dict], system_role: bool) -> list[dict]:
+    """The messages as a template takes them: unchanged, or without a system role the leading
+    system messages folded into the first user message, as Gemma 3's own template does."""
+    if system_role:
+        return messages
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    if not lead:
+        return messages
+    system = "\n\n".join(m["content"] for m in messages[:lead])
+    rest = [dict(m) for m in messages[lead:]]
+    if rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    else:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
 # --- events ---------------------------------------------------------------------------------
 
 
@@ -284,6 +384,7 @@ class StepEvent:
     learning_rate: float
     tokens: int  # real tokens through the model so far
     epochs: float  # passes over the data so far
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # DPO: TRL's rewards/* means
 
 
 @dataclass(frozen=True)
@@ -291,6 +392,7 @@ class EvalEvent:
     type: ClassVar[str] = "eval"
     step: int
     eval_loss: float
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def test_events_go_through_the_file_whole(tmp_path):
     sent = [
         contract.StartEvent(total_steps=4, examples=10),
         contract.StepEvent(step=1, total_steps=4, train_loss=2.5, learning_rate=1e-4, tokens=300, epochs=0.25),
-        contract.EvalEvent(step=1, eval_loss=2.25),
+        contract.EvalEvent(step=1, eval_loss=2.25, metrics={"rewards/margins": 0.5, "rewards/accuracies": 1.0}),
         contract.CheckpointEvent(step=2, path="run/checkpoints/step-2", train_loss=2.0),
     ]
     for event in sent[:2]:
@@ -206,3 +206,59 @@ def test_steps_per_epoch_is_the_trainers_plan(examples, batch_size, grad_accum):
     per_epoch = contract.steps_per_epoch(examples, batch_size, grad_accum)
     assert len(plan) == 2 * per_epoch
     assert [step.epoch for step in plan] == [0] * per_epoch + [1] * per_epoch
+
+
+GOOD_PAIRS = [
+    {
+        "input": {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+    },
+    {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+    {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    },
+]
+
+
+@pytest.mark.parametrize("record", GOOD_PAIRS)
+def test_preference_pairs_in_openais_and_trls_format_are_read(record):
+    pair = contract.parse_preference(json.dumps(record))
+    assert (pair.prompt[-1], pair.preferred, pair.non_preferred) == (
+        contract.Message("user", "Hi"),
+        "Hello!",
+        "Go away.",
+    )
+    chosen, rejected = pair.conversations()
+    assert chosen[:-1] == rejected[:-1] == pair.prompt and not any(m.trained for m in pair.prompt)
+    assert chosen[-1] == contract.Message("assistant", "Hello!", trained=True)
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({**GOOD_PAIRS[0], "non_preferred_output": GOOD_PAIRS[0]["preferred_output"]}, "are identical"),
+        ({"prompt": "Hi", "chosen": "Same", "rejected": "Same"}, "chosen and rejected are identical"),
+        (
+            {"input": GOOD_PAIRS[0]["input"], "preferred_output": [{"role": "assistant", "content": "a"}]},
+            "missing non_preferred_output",
+        ),
+        ({"prompt": "Hi", "chosen": "a"}, "missing rejected"),
+        ({**GOOD_PAIRS[1], "extra": 1}, "unknown key extra"),
+        (
+            {**GOOD_PAIRS[0], "input": {"messages": [{"role": "assistant", "content": "x"}]}},
+            "must end with a user message",
+        ),
+        ({**GOOD_PAIRS[0], "input": {"messages": []}}, "non-empty list"),
+        ({**GOOD_PAIRS[0], "input": {**GOOD_PAIRS[0]["input"], "tools": []}}, "tool and function definitions"),
+        ({**GOOD_PAIRS[0], "preferred_output": [{"role": "user", "content": "x"}]}, "must hold an assistant message"),
+        ({**GOOD_PAIRS[0], "preferred_output": []}, "a list of one assistant message"),
+        ({**GOOD_PAIRS[1], "chosen": "  "}, '"chosen" is empty'),
+        ({"messages": [{"role": "user", "content": "x"}]}, "unknown preference format"),
+    ],
+)
+def test_bad_preference_pairs_are_refused_saying_why(record, reason):
+    with pytest.raises(ValueError, match=reason):
+        contract.parse_preference(json.dumps(record))

@@ -117,3 +117,22 @@ def test_train_router_gives_gates_the_server_accepts(tiny_architecture, tmp_path
     assert exited.value.code == 0
     adapters = [read_adapter(adapter, targets, 64) for adapter, _ in members.values()]
     check_learned_router((tmp_path / "router" / "router.safetensors").read_bytes(), adapters, targets)
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_the_loss_is_transformers_own(tiny_architecture, model_type):
+    """Plait projects only the trained positions onto the vocabulary; the loss is still the
+    model's own, final soft-capping of Gemma 2's logits included."""
+    from plait.server.base_model import load_tokenizer
+    from plait.trainer.batching import collate
+    from plait.trainer.model import LoraSettings, load_for_training, loss_sum
+
+    spec = resolve_model(str(tiny_architecture(model_type)))
+    lora = LoraSettings(4, 8, 0.0, ("all-linear",), False)
+    model = load_for_training(spec, CPU, torch.float32, lora, gradient_checkpointing=False, cpu_weights="nf4")
+    example = tokenize_conversation(load_tokenizer(spec), parse_example(json.dumps(CHAT)), 512)
+    batch = collate([example, example], pad_id=0)
+    with torch.no_grad():
+        ours = loss_sum(model, batch) / batch.targets
+        theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)

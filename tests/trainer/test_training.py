@@ -318,3 +318,25 @@ def test_a_real_run_on_the_embedded_model(workdir):
     base = load_nf4_model(resolve_model(None), CPU, torch.bfloat16)
     model = PeftModel.from_pretrained(base, output)
     assert model.peft_config["default"].r == 16
+
+
+def test_evaluating_between_steps_leaves_training_unchanged(tiny_model, tmp_path):
+    """An evaluation runs the model in eval mode without gradients, where bitsandbytes would
+    repack its 4-bit weights for its CPU inference kernel and later backward passes would read
+    them wrongly; training with an evaluation after every step must equal training without."""
+    tokenizer = load_tokenizer(resolve_model(str(tiny_model)))
+    examples = [
+        tokenize_conversation(tokenizer, parse_example(json.dumps({"prompt": f"q{i}", "completion": "an answer"})), 256)
+        for i in range(4)
+    ]
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("all-linear",), use_rslora=False)
+    trained = []
+    for eval_every in (None, 1):
+        torch.manual_seed(0)
+        model = load_for_training(resolve_model(str(tiny_model)), CPU, torch.bfloat16, lora, False, cpu_weights="nf4")
+        config = TrainConfig(max_steps=3, batch_size=2, grad_accum=1, lr=5e-2, save_every=0, eval_every=eval_every)
+        loop.train(model, examples, examples if eval_every else [], config, CPU, 0, tmp_path / f"run-{eval_every}", {})
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys()
+    for name, weight in trained[0].items():
+        assert torch.equal(weight, trained[1][name]), name
