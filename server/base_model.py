@@ -267,10 +267,15 @@ def load_nf4_model(
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load {spec.path}: {str(exc).splitlines()[0]}") from None
-    if saved:  # its layers compute in the dtype they were saved with; Plait's choice wins
+    if saved:
+        # Its 4-bit layers compute, and its other weights (embeddings, norms, head) stay, in the
+        # dtype it was saved with; Plait's choice wins, as for a folder it quantizes itself.
         for layer in model.modules():
             if isinstance(layer, bnb.nn.Linear4bit):
                 layer.compute_dtype = compute_dtype
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(compute_dtype)
     model.eval()
     model.requires_grad_(False)
     return model
