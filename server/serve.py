@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             validate_adapter_id,
             args.max_file_mb << 20,
             training=_share_cores(engine, device, args.train_threads),
+            copy_adapter=context.copy_adapter,
         )
     except (OSError, sqlite3.Error) as exc:
         return _fail(f"cannot keep fine-tuning records in --data-dir {args.data_dir}: {exc}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from fastapi import Request
 
 from plait.server.adapters.base_identity import base_model_warning
-from plait.server.adapters.format import read_adapter
+from plait.server.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
 from plait.server.adapters.fusions import FusionStore
 from plait.server.adapters.routers import RouterCache
 from plait.server.adapters.store import AdapterStore, InvalidAdapterId, StoredAdapter
@@ -86,6 +87,20 @@ class ServerContext:
         if warning:
             log.warning("adapter %r: %s", adapter_id, warning)
         return stored
+
+    def copy_adapter(self, adapter_id: str, folder: Path) -> bool:
+        """Copy the current version of `adapter_id` into the new `folder`; False when there is none.
+        The version is held while copying, so a replacement cannot remove it halfway."""
+        stored = self.store.hold(adapter_id)
+        if stored is None:
+            return False
+        try:
+            folder.mkdir()
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copyfile(stored.path / name, folder / name)
+        finally:
+            self.store.release(stored.id, stored.version)
+        return True
 
     def put_adapter_folder(self, adapter_id: str, folder: Path) -> StoredAdapter:
         """`put_adapter` with the two files read from a folder on this machine (sizes checked first)."""

@@ -1,10 +1,12 @@
 """OpenAI's fine-tuning jobs API: create, list, inspect and cancel jobs; their events and checkpoints.
 
-A job trains a LoRA adapter for the server's own base model (`model` must name it) on an
-uploaded file and publishes it as `ft:<base>:<suffix>:<job id>`, servable at once (see
-`plait.server.fine_tuning.jobs`). `hyperparameters` takes OpenAI's `n_epochs`, `batch_size`
-and `learning_rate_multiplier`, and Plait's extension `lora_rank`, `lora_alpha` and
-`lora_dropout`; the same object may come as `method.supervised.hyperparameters`. Creating and
+A job trains a LoRA adapter for the server's own base model on an uploaded file and publishes
+it as `ft:<base>:<suffix>:<job id>`, servable at once (see `plait.server.fine_tuning.jobs`).
+`model` names the base model, or a fine-tuned model of it to continue from. `method.type` is
+`supervised` (conversations) or `dpo` (preference pairs, measured against the starting
+point). `hyperparameters` takes OpenAI's `n_epochs`, `batch_size`, `learning_rate_multiplier`
+and, for DPO, `beta`, and Plait's extension `lora_rank`, `lora_alpha` and `lora_dropout`; the
+same object may come as `method.supervised.hyperparameters` or `method.dpo.hyperparameters`. Creating and
 cancelling need the admin key; reading, the API key.
 """
 
@@ -29,13 +31,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class SupervisedMethod(_Body):
+class MethodSettings(_Body):
     hyperparameters: dict[str, Any] | None = None
 
 
 class Method(_Body):
     type: Literal["supervised", "dpo", "reinforcement"]
-    supervised: SupervisedMethod | None = None
+    supervised: MethodSettings | None = None
+    dpo: MethodSettings | None = None
 
 
 class CreateJobRequest(_Body):
@@ -49,17 +52,26 @@ class CreateJobRequest(_Body):
     metadata: dict[str, str] | None = None
     integrations: list | None = None
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
+
     def merged_hyperparameters(self) -> dict[str, Any] | None:
-        if self.method is not None and self.method.type != "supervised":
+        kind = self.method_type
+        if kind == "reinforcement":
             raise ClientError(
-                f"Only supervised fine-tuning is supported, not '{self.method.type}'.",
+                "Reinforcement fine-tuning is not supported; method.type may be 'supervised' or 'dpo'.",
                 "method.type",
                 "invalid_value",
             )
-        nested = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        other = "dpo" if kind == "supervised" else "supervised"
+        if self.method is not None and getattr(self.method, other) is not None:
+            raise ClientError(f"method.{other} does not go with method.type '{kind}'.", f"method.{other}")
+        settings = getattr(self.method, kind, None) if self.method is not None else None
+        nested = settings.hyperparameters if settings is not None else None
         if nested is not None and self.hyperparameters is not None:
             raise ClientError(
-                "Give hyperparameters either at the top level or in method.supervised, not both.",
+                f"Give hyperparameters either at the top level or in method.{kind}, not both.",
                 "hyperparameters",
                 "invalid_value",
             )
@@ -86,7 +98,7 @@ def job_object(job: JobRecord) -> dict:
         "estimated_finish": None,
         "integrations": [],
         "metadata": job.metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
+        "method": {"type": job.method, job.method: {"hyperparameters": job.hyperparameters}},
         "user_provided_suffix": job.suffix,
     }
 
@@ -129,6 +141,7 @@ def create_job(body: CreateJobRequest, ctx: ServerContext = Depends(get_context)
         suffix=body.suffix,
         seed=body.seed,
         metadata=body.metadata,
+        method=body.method_type,
     )
     return job_object(job)
 

@@ -296,15 +296,18 @@ class TrainerRun:
     batch_size: int  # examples per micro-batch
     grad_accum: int
     lr: float
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
+    lora_r: int | None  # None with init_adapter, which keeps its own
+    lora_alpha: float | None
+    lora_dropout: float | None
     seed: int
     save_every: int  # optimizer steps between checkpoints
     dtype: str
     eval_file: str | None = None
     device: str | None = None
     threads: int | None = None
+    method: str = "sft"  # or "dpo"
+    beta: float | None = None
+    init_adapter: str | None = None  # an adapter folder to start from, relative to the working folder
 
     def command(self, python: str) -> list[str]:
         options = {
@@ -324,6 +327,9 @@ class TrainerRun:
             "--eval-file": self.eval_file,
             "--device": self.device,
             "--threads": self.threads,
+            "--method": self.method,
+            "--beta": self.beta,
+            "--init-adapter": self.init_adapter,
         }
         cmd = [python, "-m", "plait.cli", "train", self.data]
         for flag, value in options.items():

@@ -5,14 +5,18 @@ renamed to its id only when it passed, so a refused file leaves nothing behind; 
 (`records.files`) follows the rename. A file is never changed after that, which is why a job may
 hard-link it into its own folder and keep it however the file is deleted later.
 
-The check is the shape of each line, in the three formats `plait train` reads: OpenAI chat
-(`{"messages": [...]}`), `{"prompt", "completion"}` and Alpaca (`instruction`, `input`,
-`output`), by the one set of rules both sides import (`contract.parse_lines`), so what passes
+The check is the shape of each line, in the formats `plait train` reads: for supervised
+fine-tuning OpenAI chat (`{"messages": [...]}`), `{"prompt", "completion"}` and Alpaca
+(`instruction`, `input`, `output`); for DPO, preference pairs in OpenAI's format
+(`input`, `preferred_output`, `non_preferred_output`) or TRL's (`prompt`, `chosen`,
+`rejected`). The first line says which of the two a file is (its `format`); every line is then
+checked by the one set of rules both sides import (`contract.parse_lines`), so what passes
 here trains.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from plait.server.errors import ClientError, NotFound, TooLarge
-from plait.server.fine_tuning.contract import parse_lines
+from plait.server.fine_tuning.contract import parse_example, parse_lines, parse_preference
 from plait.server.fine_tuning.records import FileRecord, Records, new_id
 
 log = logging.getLogger("plait.fine_tuning")
@@ -57,8 +61,8 @@ class FileStore:
                 size = _copy_limited(source, out, self.max_bytes)
                 out.flush()
                 os.fsync(out.fileno())
-            examples = check_training_file(temp)
-            return self._publish(temp, filename, purpose, size, examples)
+            examples, kind = check_training_file(temp)
+            return self._publish(temp, filename, purpose, size, examples, kind)
         finally:
             temp.unlink(missing_ok=True)  # gone already once stored
 
@@ -69,7 +73,7 @@ class FileStore:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        return self._publish(Path(temp), filename, purpose, len(data), None)
+        return self._publish(Path(temp), filename, purpose, len(data), None, None)
 
     def get(self, file_id: str) -> FileRecord:
         record = self.records.get(FileRecord, file_id)
@@ -85,10 +89,12 @@ class FileStore:
         self.records.delete(FileRecord, file_id)
         (self.root / file_id).unlink(missing_ok=True)
 
-    def _publish(self, temp: Path, filename: str, purpose: str, size: int, examples: int | None) -> FileRecord:
+    def _publish(
+        self, temp: Path, filename: str, purpose: str, size: int, examples: int | None, kind: str | None
+    ) -> FileRecord:
         file_id = new_id("file")
         os.replace(temp, self.root / file_id)
-        record = FileRecord(file_id, _clean_name(filename), purpose, size, int(time.time()), examples)
+        record = FileRecord(file_id, _clean_name(filename), purpose, size, int(time.time()), examples, kind)
         try:
             self.records.insert(record)
         except BaseException:
@@ -124,26 +130,41 @@ def _clean_name(filename: str) -> str:
     return name[:255] or "upload.jsonl"
 
 
-def check_training_file(path: Path) -> int:
-    """The number of examples in a JSONL training file; ClientError names the first few bad lines."""
+# Keys only preference pairs have (OpenAI's and TRL's); a first line with one makes a DPO file.
+PREFERENCE_KEYS = frozenset({"preferred_output", "non_preferred_output", "chosen", "rejected"})
+
+
+def check_training_file(path: Path) -> tuple[int, str]:
+    """The number of examples in a JSONL training file and its format ("chat" or "preference");
+    ClientError names the first few bad lines."""
+    kind = _format(path)
     problems: list[str] = []
     total, examples = 0, 0
     with open(path, "rb") as f:
-        for number, parsed in parse_lines(f):
+        for number, parsed in parse_lines(f, parse_preference if kind == "preference" else parse_example):
             if isinstance(parsed, ValueError):
                 total += 1
                 if len(problems) < MAX_LISTED_PROBLEMS:
                     problems.append(f"line {number}: {parsed}")
             else:
                 examples += 1
+    what = "preference file" if kind == "preference" else "training file"
     if total:
         more = f"; and {total - len(problems)} more" if total > len(problems) else ""
         noun = "problem" if total == 1 else "problems"
-        raise ClientError(
-            f"Invalid training file ({total} {noun}): {'; '.join(problems)}{more}.", "file", "invalid_file"
-        )
+        raise ClientError(f"Invalid {what} ({total} {noun}): {'; '.join(problems)}{more}.", "file", "invalid_file")
     if not examples:
-        raise ClientError(
-            "Invalid training file: it has no examples (one JSON object per line).", "file", "invalid_file"
-        )
-    return examples
+        raise ClientError(f"Invalid {what}: it has no examples (one JSON object per line).", "file", "invalid_file")
+    return examples, kind
+
+
+def _format(path: Path) -> str:
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    first = json.loads(line.decode("utf-8-sig"))
+                except (ValueError, RecursionError):
+                    return "chat"  # the check reports the line
+                return "preference" if isinstance(first, dict) and PREFERENCE_KEYS & set(first) else "chat"
+    return "chat"

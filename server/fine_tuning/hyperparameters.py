@@ -1,7 +1,9 @@
-"""A job's hyperparameters: OpenAI's three, Plait's LoRA extension, and how they map onto `plait train`.
+"""A job's hyperparameters: OpenAI's three (and DPO's `beta`), Plait's LoRA extension, and how
+they map onto `plait train`.
 
 Each may be given as a value, `"auto"`, or left out (both mean the default). Everything is
-checked when the job is created, so a job that was queued never fails on its settings.
+checked when the job is created, so a job that was queued never fails on its settings. A job
+that starts from an existing adapter keeps that adapter's LoRA settings, so it may not give any.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ _CHECKS: dict[str, tuple[Callable[[Any, int], bool], str]] = {
     "lora_rank": (lambda v, max_rank: _is_int(v) and 1 <= v <= max_rank, "an integer from 1 to {max_rank}"),
     "lora_alpha": (lambda v, _: _is_number(v) and 0 < v <= 1e6, "a number above 0"),
     "lora_dropout": (lambda v, _: _is_number(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "beta": (lambda v, _: _is_number(v) and 0 < v <= 2, "a number above 0, at most 2"),
 }
+LORA = ("lora_rank", "lora_alpha", "lora_dropout")
+DPO_ONLY = ("beta",)
+DEFAULT_BETA = 0.1
+_FLOATS = frozenset({"learning_rate_multiplier", "lora_alpha", "lora_dropout", "beta"})
 
 
 @dataclass(frozen=True)
@@ -46,19 +53,32 @@ class Hyperparameters:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
+    beta: float | None = None  # DPO's; None for supervised jobs
 
     @classmethod
-    def resolve(cls, given: Mapping[str, Any] | None, max_rank: int) -> Hyperparameters:
-        """Every hyperparameter with "auto" (or absent) replaced by its default; ClientError names a bad one."""
+    def resolve(
+        cls, given: Mapping[str, Any] | None, max_rank: int, method: str = "supervised", from_adapter: bool = False
+    ) -> Hyperparameters:
+        """Every hyperparameter with "auto" (or absent) replaced by its default; ClientError names a
+        bad one. `method` is "supervised" or "dpo"; `from_adapter`: the job continues an adapter."""
         given = dict(given or {})
-        unknown = sorted(set(given) - set(_CHECKS))
+        known = [name for name in _CHECKS if method == "dpo" or name not in DPO_ONLY]
+        unknown = sorted(set(given) - set(known))
         if unknown:
             raise ClientError(
-                f"Unknown hyperparameter '{unknown[0]}'; known: {', '.join(_CHECKS)}.",
+                f"Unknown hyperparameter '{unknown[0]}' for method '{method}'; known: {', '.join(known)}.",
                 f"hyperparameters.{unknown[0]}",
                 "invalid_value",
             )
-        resolved = {}
+        kept = [name for name in LORA if given.get(name, "auto") not in (None, "auto")]
+        if from_adapter and kept:
+            raise ClientError(
+                f"hyperparameters.{kept[0]} cannot be set when starting from a fine-tuned model: "
+                "its adapter keeps its own LoRA settings.",
+                f"hyperparameters.{kept[0]}",
+                "invalid_value",
+            )
+        resolved: dict[str, Any] = {"beta": DEFAULT_BETA} if method == "dpo" else {}
         for f in dataclasses.fields(cls):
             value = given.get(f.name, "auto")
             if value is None or value == "auto":
@@ -71,11 +91,11 @@ class Hyperparameters:
                     f"hyperparameters.{f.name}",
                     "invalid_value",
                 )
-            resolved[f.name] = float(value) if isinstance(f.default, float) else value
+            resolved[f.name] = float(value) if f.name in _FLOATS else value
         return cls(**resolved)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @property
     def learning_rate(self) -> float:

@@ -42,6 +42,8 @@ MAX_SUFFIX_CHARS = 64
 RESTARTED = "the server restarted while the job was running"
 _SUFFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _KEPT_FILES = (contract.LOG_FILE, contract.EVENTS_FILE, contract.REPORT_FILE)  # in a job's folder, afterwards
+INIT_ADAPTER = "init-adapter"  # in a job's folder: a copy of the fine-tuned model it starts from
+METHODS = {"supervised": ("sft", "chat"), "dpo": ("dpo", "preference")}  # API name: (trainer's, file format)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class _Progress:
 
     train_loss: dict[int, float] = field(default_factory=dict)
     eval_loss: dict[int, float] = field(default_factory=dict)
+    train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # DPO's rewards
+    eval_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     done: contract.DoneEvent | None = None
 
 
@@ -82,11 +86,13 @@ class JobRunner:
         check_name: Callable[[str], object] = lambda name: None,
         training: Callable[[bool], object] = lambda running: None,
         poll_seconds: float = 0.5,
+        copy_adapter: Callable[[str, Path], bool] = lambda name, folder: False,
     ):
         """`publish(name, adapter_folder)` serves a finished adapter; `check_name(name)` raises
         ClientError when a fine-tuned model could not be published under `name`; `training(True)`
         is called when a trainer starts and `training(False)` when it has stopped, so the server
-        can leave it the cores it was given."""
+        can leave it the cores it was given; `copy_adapter(name, folder)` copies the served
+        adapter `name` into `folder` (False when there is none), for jobs that start from it."""
         self.records = records
         self.files = files
         self.jobs_dir = Path(jobs_dir).resolve()
@@ -94,6 +100,7 @@ class JobRunner:
         self.publish = publish
         self.check_name = check_name
         self.training = training
+        self.copy_adapter = copy_adapter
         self.poll_seconds = poll_seconds
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -138,12 +145,17 @@ class JobRunner:
         suffix: str | None = None,
         seed: int | None = None,
         metadata: dict | None = None,
+        method: str = "supervised",
     ) -> JobRecord:
-        """Check a job against this server and queue it; ClientError says what is wrong."""
-        if model != self.setup.base_model:
+        """Check a job against this server and queue it; ClientError says what is wrong.
+
+        `model` is the base model, or a fine-tuned model of it (`ft:<base>:...`), whose adapter the
+        job then starts from (and, for DPO, measures against)."""
+        from_adapter = model != self.setup.base_model
+        if from_adapter and not model.startswith(f"ft:{self.setup.base_model}:"):
             raise ClientError(
-                f"Model '{model}' cannot be fine-tuned here: this server trains adapters for "
-                f"its base model '{self.setup.base_model}' only.",
+                f"Model '{model}' cannot be fine-tuned here: this server trains adapters for its base "
+                f"model '{self.setup.base_model}', starting from it or from one of its fine-tuned models (ft:...).",
                 "model",
                 "model_not_available",
             )
@@ -160,10 +172,10 @@ class JobRunner:
             raise ClientError(
                 f"seed must be an integer from 0 to 2147483647, got {json.dumps(seed)}.", "seed", "invalid_value"
             )
-        train = self._training_file(training_file, "training_file")
+        train = self._training_file(training_file, "training_file", method)
         if validation_file is not None:
-            self._training_file(validation_file, "validation_file")
-        resolved = Hyperparameters.resolve(hyperparameters, self.setup.max_lora_rank)
+            self._training_file(validation_file, "validation_file", method)
+        resolved = Hyperparameters.resolve(hyperparameters, self.setup.max_lora_rank, method, from_adapter)
         job_id = new_id("ftjob")
         try:
             self.check_name(fine_tuned_name(self.setup.base_model, suffix, job_id))
@@ -178,6 +190,8 @@ class JobRunner:
         try:
             for file_id in dict.fromkeys(filter(None, (training_file, validation_file))):  # the same one may be both
                 _link(self.files.path(file_id), job_dir / file_id)
+            if from_adapter and not self.copy_adapter(model, job_dir / INIT_ADAPTER):
+                raise ClientError(f"No fine-tuned model '{model}' on this server.", "model", "model_not_found")
             job = JobRecord(
                 id=job_id,
                 created_at=int(time.time()),
@@ -190,6 +204,7 @@ class JobRunner:
                 seed=seed,
                 metadata=metadata,
                 train_examples=train.examples,
+                method=method,
             )
             self.records.insert(job)
         except BaseException:
@@ -296,6 +311,7 @@ class JobRunner:
     def _trainer_run(self, job: JobRecord) -> contract.TrainerRun:
         h, s = Hyperparameters(**job.hyperparameters), self.setup
         micro, accum = h.micro_batches
+        from_adapter = (self.jobs_dir / job.id / INIT_ADAPTER).is_dir()
         return contract.TrainerRun(
             data=job.training_file,
             model=str(s.model_path),
@@ -303,15 +319,18 @@ class JobRunner:
             batch_size=micro,
             grad_accum=accum,
             lr=h.learning_rate,
-            lora_r=h.lora_rank,
-            lora_alpha=h.lora_alpha,
-            lora_dropout=h.lora_dropout,
+            lora_r=None if from_adapter else h.lora_rank,
+            lora_alpha=None if from_adapter else h.lora_alpha,
+            lora_dropout=None if from_adapter else h.lora_dropout,
             seed=job.seed,
             save_every=contract.steps_per_epoch(job.train_examples, micro, accum),  # a checkpoint per epoch
             dtype=s.dtype,
             eval_file=job.validation_file,
             device=s.device,
             threads=s.threads,
+            method=METHODS[job.method][0],
+            beta=h.beta,
+            init_adapter=INIT_ADAPTER if from_adapter else None,
         )
 
     def _record(self, job: JobRecord, events: list[contract.Event], progress: _Progress) -> None:
@@ -323,6 +342,7 @@ class JobRunner:
                     self.records.add_event(job.id, f"Training {e.total_steps} steps on {e.examples} examples{resumed}")
                 case contract.StepEvent():
                     progress.train_loss[e.step] = e.train_loss
+                    progress.train_metrics[e.step] = e.metrics
                     data = {
                         "step": e.step,
                         "total_steps": e.total_steps,
@@ -330,13 +350,20 @@ class JobRunner:
                         "learning_rate": e.learning_rate,
                         "tokens": e.tokens,
                         "epochs": e.epochs,
+                        **{f"train_{name}": value for name, value in e.metrics.items()},
                     }
-                    message = f"Step {e.step}/{e.total_steps}: training loss={e.train_loss:.4f}"
+                    message = f"Step {e.step}/{e.total_steps}: training loss={e.train_loss:.4f}" + _shown(e.metrics)
                     self.records.add_event(job.id, message, data=data)
                 case contract.EvalEvent():
                     progress.eval_loss[e.step] = e.eval_loss
-                    data = {"step": e.step, "valid_loss": e.eval_loss}
-                    self.records.add_event(job.id, f"Step {e.step}: validation loss={e.eval_loss:.4f}", data=data)
+                    progress.eval_metrics[e.step] = e.metrics
+                    data = {
+                        "step": e.step,
+                        "valid_loss": e.eval_loss,
+                        **{f"valid_{name}": value for name, value in e.metrics.items()},
+                    }
+                    message = f"Step {e.step}: validation loss={e.eval_loss:.4f}" + _shown(e.metrics)
+                    self.records.add_event(job.id, message, data=data)
                 case contract.CheckpointEvent():
                     name = fine_tuned_name(self.setup.base_model, job.suffix, job.id) + f":ckpt-step-{e.step}"
                     self._checkpoint(job.id, e.step, name, e.train_loss, progress.eval_loss.get(e.step))
@@ -390,7 +417,7 @@ class JobRunner:
         }[status]
         self.records.add_event(job_id, message, level="error" if status == "failed" else "info")
 
-    def _training_file(self, file_id: str, param: str) -> FileRecord:
+    def _training_file(self, file_id: str, param: str, method: str) -> FileRecord:
         record = self.records.get(FileRecord, file_id)
         if record is None:
             raise ClientError(f"Invalid {param}: no file '{file_id}'.", param, "invalid_file")
@@ -398,16 +425,34 @@ class JobRunner:
             raise ClientError(
                 f"Invalid {param}: '{file_id}' has purpose '{record.purpose}', not '{PURPOSE}'.", param, "invalid_file"
             )
+        wanted = METHODS[method][1]
+        if (record.format or "chat") != wanted:
+            kinds = {"chat": "conversations (supervised)", "preference": "preference pairs (dpo)"}
+            raise ClientError(
+                f"Invalid {param}: '{file_id}' holds {kinds[record.format or 'chat']}; "
+                f"method '{method}' trains on {kinds[wanted]}.",
+                param,
+                "invalid_file",
+            )
         return record
 
 
 def _results_csv(progress: _Progress) -> bytes:
-    """OpenAI's result file: one row per step; validation loss where it was measured."""
-    rows = ["step,train_loss,valid_loss"]
+    """OpenAI's result file: one row per step; validation loss where it was measured; DPO's
+    rewards (TRL's names) on training and validation data after them."""
+    names = sorted({name for metrics in progress.train_metrics.values() for name in metrics})
+    rows = [
+        ",".join(["step", "train_loss", "valid_loss", *(f"train_{n}" for n in names), *(f"valid_{n}" for n in names)])
+    ]
     for step, loss in sorted(progress.train_loss.items()):
-        valid = progress.eval_loss.get(step)
-        rows.append(f"{step},{loss:.6f}," + (f"{valid:.6f}" if valid is not None else ""))
+        train, valid = progress.train_metrics.get(step, {}), progress.eval_metrics.get(step, {})
+        cells = [loss, progress.eval_loss.get(step), *(train.get(n) for n in names), *(valid.get(n) for n in names)]
+        rows.append(",".join([str(step), *("" if v is None else f"{v:.6f}" for v in cells)]))
     return ("\n".join(rows) + "\n").encode()
+
+
+def _shown(metrics: dict[str, float]) -> str:
+    return "".join(f", {name}={value:.4f}" for name, value in metrics.items())
 
 
 def _link(source: Path, target: Path) -> None:

@@ -36,6 +36,7 @@ class FileRecord:
     bytes: int
     created_at: int
     examples: int | None  # None for files the server made itself
+    format: str | None = None  # "chat" (SFT) or "preference" (DPO) for training files
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class JobRecord:
     error: dict[str, Any] | None = None  # {"code", "message", "param"}
     result_files: list[str] = field(default_factory=list)
     pid: int | None = None  # the trainer's, while it runs
+    method: str = "supervised"  # or "dpo"
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ CREATE TABLE IF NOT EXISTS files (
     purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
-    examples INTEGER
+    examples INTEGER,
+    format TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -116,7 +119,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     trained_tokens INTEGER,
     error TEXT,
     result_files TEXT NOT NULL DEFAULT '[]',
-    pid INTEGER
+    pid INTEGER,
+    method TEXT NOT NULL DEFAULT 'supervised'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS events (
@@ -142,6 +146,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
 
+# Columns added since the first release: a database made before them gets them on opening.
+_ADDED_COLUMNS = (("files", "format", "TEXT"), ("jobs", "method", "TEXT NOT NULL DEFAULT 'supervised'"))
 # Columns stored as JSON text.
 _JSON = frozenset({"hyperparameters", "metadata", "error", "result_files", "data", "metrics"})
 
@@ -161,6 +167,10 @@ class Records:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            for table, column, declaration in _ADDED_COLUMNS:
+                present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:

@@ -36,17 +36,21 @@ class FineTuning:
         check_name: Callable[[str], object],
         max_file_bytes: int,
         training: Callable[[bool], object] = lambda running: None,
+        copy_adapter: Callable[[str, Path], bool] = lambda name, folder: False,
     ) -> FineTuning:
         """Open (or create) the records under `data_dir`; `start()` settles old jobs and runs queued ones.
 
         `publish(name, adapter_folder)` serves a finished job's adapter; `check_name(name)` raises
         ClientError when no adapter could be published under `name`; `training(running)` hears when
-        a trainer starts and stops."""
+        a trainer starts and stops; `copy_adapter(name, folder)` copies a served adapter for a job
+        that starts from it."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         records = Records(data_dir / DATABASE_FILE)
         files = FileStore(data_dir / "files", records, max_file_bytes)
-        jobs = JobRunner(records, files, data_dir / "jobs", setup, publish, check_name, training)
+        jobs = JobRunner(
+            records, files, data_dir / "jobs", setup, publish, check_name, training, copy_adapter=copy_adapter
+        )
         return cls(records, files, jobs)
 
     def start(self) -> None:

@@ -14,7 +14,7 @@ from plait.server.fine_tuning import contract
 from plait.server.fine_tuning.files import check_training_file
 from plait.trainer.batching import plan_steps
 from plait.trainer.cli import add_arguments, resolve_config
-from plait.trainer.data import DataError, read_examples
+from plait.trainer.data import DataError, read_examples, read_pairs
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -127,7 +127,10 @@ def test_lines_are_numbered_alike_by_the_server_and_the_trainer(tmp_path):
     assert numbers == ["line 3", "line 6"]
     assert all(f"{n}: invalid JSON" in server.value.message for n in numbers)
     path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n\r\n" + good + b"\r" + good + b"\n")
-    assert check_training_file(path) == len(read_examples(path)) == 3
+    assert check_training_file(path) == (len(read_examples(path)), "chat") == (3, "chat")
+    pair = json.dumps(GOOD_PAIRS[1]).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + pair + b"\r\n\r\n" + pair + b"\n")
+    assert check_training_file(path) == (len(read_pairs(path)), "preference") == (2, "preference")
 
 
 def test_the_command_line_the_server_builds_is_the_one_the_trainer_reads(tmp_path):
@@ -262,3 +265,32 @@ def test_preference_pairs_in_openais_and_trls_format_are_read(record):
 def test_bad_preference_pairs_are_refused_saying_why(record, reason):
     with pytest.raises(ValueError, match=reason):
         contract.parse_preference(json.dumps(record))
+
+
+def test_a_dpo_run_from_an_adapter_reaches_the_trainer_whole(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(GOOD_PAIRS[0]) + "\n")
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "adapter_config.json").write_text("{}")
+    run = contract.TrainerRun(
+        data=str(data),
+        model="/models/base",
+        epochs=1,
+        batch_size=1,
+        grad_accum=1,
+        lr=1e-5,
+        lora_r=None,
+        lora_alpha=None,
+        lora_dropout=None,
+        seed=1,
+        save_every=1,
+        dtype="float32",
+        method="dpo",
+        beta=0.25,
+        init_adapter=str(tmp_path / "start"),
+    )
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = resolve_config(parser.parse_args(run.command("python")[4:]))
+    assert (config.method, config.beta, config.init_adapter) == ("dpo", 0.25, str(tmp_path / "start"))
+    assert "--lora-r" not in run.command("python")  # the adapter keeps its own; the trainer refuses both
