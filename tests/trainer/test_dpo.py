@@ -150,10 +150,6 @@ def test_loss_rewards_and_updates_equal_trls(tiny_architecture, start_adapter, t
         torch.testing.assert_close(weight, _lora_weights(theirs)[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-class Crash(Exception):
-    pass
-
-
 def _write_pairs(path, openai_format: bool = True):
     lines = []
     for q, good, bad in PAIRS * 2:
@@ -182,7 +178,7 @@ def _dpo(tmp_path, folder, output, *extra):
 
 @pytest.mark.slow
 def test_dpo_from_an_adapter_learns_the_preference_and_resumes_exactly(
-    tiny_architecture, start_adapter, tmp_path, monkeypatch
+    tiny_architecture, start_adapter, tmp_path, interrupt_after_checkpoint
 ):
     folder = tiny_architecture("llama")
     _write_pairs(tmp_path / "pairs.jsonl")
@@ -207,16 +203,7 @@ def test_dpo_from_an_adapter_learns_the_preference_and_resumes_exactly(
 
     # Interrupted after its first checkpoint and resumed: the reference is computed again from
     # the starting adapter, and the result is the uninterrupted one.
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        _dpo(tmp_path, folder, "resumed", "--init-adapter", start_adapter)
-    monkeypatch.undo()
+    interrupt_after_checkpoint(_dpo, tmp_path, folder, "resumed", "--init-adapter", start_adapter)
     assert _dpo(tmp_path, folder, "resumed", "--init-adapter", start_adapter, "--resume") == 0
     resumed = json.loads((tmp_path / "resumed" / "training_report.json").read_text())
     assert resumed["train_loss"] == report["train_loss"] and resumed["train_metrics"] == report["train_metrics"]
