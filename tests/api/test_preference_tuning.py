@@ -214,3 +214,22 @@ def test_bad_dpo_jobs_are_refused_before_they_queue(client, hyperparameters, par
         client.fine_tuning.jobs.create(model=BASE, training_file=pairs.id)  # pairs for a supervised job
     assert refused.value.body["param"] == "training_file" and "preference pairs (dpo)" in refused.value.body["message"]
     assert [j.id for j in client.fine_tuning.jobs.list(limit=100)] == before
+
+
+def test_a_dpo_job_is_cancelled_like_any_other(client):
+    """The queue, the trainer's process and cancelling are the same as for supervised jobs."""
+    pairs = client.files.create(file=("pairs.jsonl", _pairs(TRAIN, OPENING, "")), purpose="fine-tune")
+    served_before = {m.id for m in client.models.list()}
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 100, "batch_size": 1}}},
+    )
+    deadline = time.monotonic() + 300
+    while client.fine_tuning.jobs.retrieve(job.id).status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    job = _wait(client, job.id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    assert {m.id for m in client.models.list()} == served_before
