@@ -274,9 +274,10 @@ def launch_server(tmp_path):
     launcher.stop_all()
 
 
-def _score_with_peft(model, adapter: str | None, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
-    """PEFT's logprob of each of `new_ids` after `prompt_ids`, with `adapter` active (None: the base)."""
-    ids = torch.tensor([prompt_ids + list(new_ids)])
+def peft_distributions(model, adapter: str | None, prompt_ids, new_ids) -> torch.Tensor:
+    """PEFT's log-probabilities over the vocabulary for each of `new_ids` after `prompt_ids`
+    ([len(new_ids), vocab]), with `adapter` active (None: the base)."""
+    ids = torch.tensor([list(prompt_ids) + list(new_ids)])
     with torch.inference_mode():
         if adapter is None:
             with model.disable_adapter():
@@ -284,7 +285,12 @@ def _score_with_peft(model, adapter: str | None, prompt_ids: list[int], new_ids:
         else:
             model.set_adapter(adapter)
             logits = model(input_ids=ids).logits[0].float()
-    scores = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits, -1)[len(prompt_ids) - 1 : -1]
+
+
+def _score_with_peft(model, adapter: str | None, prompt_ids: list[int], new_ids: list[int]) -> torch.Tensor:
+    """PEFT's logprob of each of `new_ids` after `prompt_ids`, with `adapter` active (None: the base)."""
+    scores = peft_distributions(model, adapter, prompt_ids, new_ids)
     return scores.gather(1, torch.tensor(list(new_ids))[:, None]).squeeze(1)
 
 
@@ -297,6 +303,19 @@ def chat_tokenizers():
 @pytest.fixture(scope="session")
 def peft_logprobs():
     return _score_with_peft
+
+
+@pytest.fixture(scope="session")
+def peft_greedy_margin():
+    """How far below PEFT's best token each of `new_ids` scores, at most (0 when every one is
+    PEFT's own greedy choice)."""
+
+    def margin(model, adapter: str | None, prompt_ids, new_ids) -> float:
+        scores = peft_distributions(model, adapter, prompt_ids, new_ids)
+        chosen = scores.gather(1, torch.tensor(list(new_ids))[:, None]).squeeze(1)
+        return float((scores.max(-1).values - chosen).max())
+
+    return margin
 
 
 FINE_TUNING_ADMIN_KEY = "ft-admin"

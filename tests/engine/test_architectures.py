@@ -75,7 +75,9 @@ def _serve_all_at_once(folder, adapters, prompts):
         runner.join()
 
 
-def test_a_mixed_paged_batch_equals_peft_on_each_sequence_alone(architecture, tokenizer, peft_logprobs):
+def test_a_mixed_paged_batch_equals_peft_on_each_sequence_alone(
+    architecture, tokenizer, peft_logprobs, peft_greedy_margin
+):
     model_type, folder, adapters, peft = architecture
     text = "The quick brown fox jumps over the lazy dog while the cat watches from the old wall. " * 3
     ids = tokenizer.encode(text)
@@ -89,7 +91,7 @@ def test_a_mixed_paged_batch_equals_peft_on_each_sequence_alone(architecture, to
         torch.testing.assert_close(
             got, expected, atol=ATOL, rtol=0, msg=lambda m, where=f"{model_type} {adapter} prompt {i}": f"{where}: {m}"
         )
-        assert _greedy_margin(peft, adapter, prompts[i], out.token_ids) < ATOL, (model_type, adapter, i)
+        assert peft_greedy_margin(peft, adapter, prompts[i], out.token_ids) < ATOL, (model_type, adapter, i)
         if adapter is not None:
             base = peft_logprobs(peft, None, prompts[i], out.token_ids)
             moved[adapter] = max(moved[adapter], float((got - base).abs().max()))
@@ -125,19 +127,3 @@ def test_longrope_models_are_served_within_their_original_context(tokenizer, rop
     model = Phi3ForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME).eval()
     engine = Engine(model, tokenizer, EngineConfig(kv_cache_tokens=1024), CPU, Metrics())
     assert engine.max_model_len == limit
-
-
-def _greedy_margin(peft, adapter: str | None, prompt: list[int], answer: list[int]) -> float:
-    """How far below PEFT's best token each of the engine's greedy tokens scores, at most (0 when
-    every one is PEFT's own greedy choice; a tie within rounding is allowed)."""
-    ids = torch.tensor([list(prompt) + list(answer)])
-    with torch.inference_mode():
-        if adapter is None:
-            with peft.disable_adapter():
-                logits = peft(input_ids=ids).logits[0].float()
-        else:
-            peft.set_adapter(adapter)
-            logits = peft(input_ids=ids).logits[0].float()
-    scores = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
-    chosen = scores.gather(1, torch.tensor(list(answer))[:, None]).squeeze(1)
-    return float((scores.max(-1).values - chosen).max())
