@@ -114,7 +114,7 @@ def test_a_dpo_job_from_a_fine_tuned_model_teaches_the_preferred_answers(client,
         file=("plain.jsonl", _jsonl([{"prompt": q, "completion": a} for q, a in TRAIN.items()])), purpose="fine-tune"
     )
     sft = client.fine_tuning.jobs.create(
-        model=BASE, training_file=plain.id, suffix="plain", hyperparameters=SFT_SETTINGS
+        model=BASE, training_file=plain.id, suffix="plain", seed=1, hyperparameters=SFT_SETTINGS
     )
     sft = _wait(client, sft.id)
     assert sft.status == "succeeded", sft.error
