@@ -373,6 +373,7 @@ def finish(
         "tokens": progress.tokens,
         "target_tokens": progress.target_tokens,
         "train_seconds": round(progress.seconds, 3),
+        "prepare_seconds": round(progress.prepare_seconds, 3),
         "tokens_per_second": round(progress.tokens / progress.seconds, 2) if progress.seconds else None,
         "wall_seconds": round(wall_seconds, 3),
         "peak_memory": peak_memory(device),

@@ -34,6 +34,7 @@ class Progress:
     tokens: int = 0  # real tokens through the model (padding excluded)
     target_tokens: int = 0  # tokens the loss was taken on
     seconds: float = 0.0  # time in the loop, model loading excluded
+    prepare_seconds: float = 0.0  # before the steps: DPO's reference log-probabilities (0 for SFT)
     train_loss: list[list[float]] = field(default_factory=list)  # [step, mean loss of that step]
     eval_loss: list[list[float]] = field(default_factory=list)
     train_metrics: list[list] = field(default_factory=list)  # [step, {name: mean}]: DPO's rewards
@@ -72,8 +73,10 @@ def train(
     events = events or (lambda event: None)
     objective = objective or SFT()
     c = config
+    prepare_started = time.perf_counter()
     train_set = objective.prepare(model, train_set, c.batch_size, pad_id, device)
     eval_set = objective.prepare(model, eval_set, c.batch_size, pad_id, device)
+    prepare_seconds = time.perf_counter() - prepare_started
     plan = plan_steps(len(train_set), c.batch_size, c.grad_accum, c.epochs, c.max_steps, c.seed)
     epoch_steps = steps_per_epoch(len(train_set), config.batch_size, config.grad_accum)
     warmup = warmup_steps(len(plan), config.warmup_ratio, config.warmup_steps)
@@ -82,7 +85,8 @@ def train(
     progress = Progress(total_steps=len(plan))
     if resume_from is not None:
         saved = load_checkpoint(resume_from, model, optimizer)
-        progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress)})
+        progress = Progress(**{f.name: saved[f.name] for f in dataclasses.fields(Progress) if f.name in saved})
+    progress.prepare_seconds += prepare_seconds
 
     events(StartEvent(total_steps=len(plan), examples=len(train_set), resumed_from_step=progress.step or None))
     model.train()

@@ -187,6 +187,7 @@ def test_dpo_from_an_adapter_learns_the_preference_and_resumes_exactly(
     assert _dpo(tmp_path, folder, "whole", *start) == 0
     report = json.loads((tmp_path / "whole" / "training_report.json").read_text())
     assert report["method"] == "dpo" and report["config"]["beta"] == BETA
+    assert report["prepare_seconds"] > 0  # the reference pass, before the timed steps
     assert report["config"]["init_adapter"] == str(start_adapter)
     # The reference is the starting adapter: the first step's loss is log 2 and its rewards 0.
     assert report["train_loss"][0][1] == pytest.approx(math.log(2), abs=1e-6)
