@@ -129,7 +129,10 @@ def train(
         segment_tokens += step_tokens
         segment_seconds += step_seconds
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{segment_tokens / segment_seconds:.0f}")
+        shown = {name.removeprefix("rewards/"): f"{value:.3f}" for name, value in step_metrics.items()}
+        bar.set_postfix(
+            loss=f"{step_loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{segment_tokens / segment_seconds:.0f}"
+        )
         events(
             StepEvent(
                 step=progress.step,
