@@ -341,3 +341,72 @@ def fine_tuning_server(tmp_path_factory) -> Iterator[LiveServer]:
     )
     yield s
     stop_server(s)
+
+
+# --- real services on loopback: PostgreSQL (pgserver ships its binaries) and an S3 server (moto) ----
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """One PostgreSQL for the run, listening on a socket in a temporary folder. It must start: a
+    test that needs it fails rather than skips."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database of its own for each test."""
+    import secrets
+
+    import psycopg
+
+    name = "plait_" + secrets.token_hex(6)
+    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_server.get_uri(name)
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    env: dict[str, str]  # credentials and region, for clients and the servers tests start
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3-compatible server on a loopback port, for the run."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "plait-test", "AWS_SECRET_ACCESS_KEY": "plait-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    yield S3Server(f"http://{host}:{port}", env)
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch) -> str:
+    """A fresh bucket for each test, its name; the AWS variables point this process at the server."""
+    import secrets
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    name = "plait-" + secrets.token_hex(6)
+    s3_server.client().create_bucket(Bucket=name)
+    return name
