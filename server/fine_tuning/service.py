@@ -46,7 +46,7 @@ class FineTuning:
         that starts from it."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        records = Records(data_dir / DATABASE_FILE)
+        records = Records.open(f"sqlite:///{(data_dir / DATABASE_FILE).absolute()}")
         files = FileStore(data_dir / "files", records, max_file_bytes)
         jobs = JobRunner(
             records, files, data_dir / "jobs", setup, publish, check_name, training, copy_adapter=copy_adapter

@@ -26,7 +26,7 @@ def test_many_bad_lines_are_counted_and_the_first_listed(tmp_path):
 
 
 def test_uploads_are_records_and_files_and_a_crash_leaves_neither_alone(tmp_path):
-    records = Records(tmp_path / "db.sqlite3")
+    records = Records.open(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     store = FileStore(tmp_path / "files", records, max_bytes=1 << 20)
     kept = store.add_upload(io.BytesIO(GOOD), "train.jsonl", PURPOSE)
     assert isinstance(kept, FileRecord) and (kept.examples, kept.bytes, kept.filename) == (1, len(GOOD), "train.jsonl")

@@ -34,7 +34,7 @@ def _job(job_id: str, **fields) -> JobRecord:
 
 
 def _runner(tmp_path) -> JobRunner:
-    records = Records(tmp_path / DATABASE_FILE)
+    records = Records.open(f"sqlite:///{tmp_path / DATABASE_FILE}")
     files = FileStore(tmp_path / "files", records)
     return JobRunner(records, files, tmp_path / "jobs", TrainerSetup(BASE, tmp_path), publish=lambda *a: None)
 
@@ -78,7 +78,7 @@ def test_the_server_hears_when_a_trainer_runs(tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nsleep 0.5\necho 'plait train: error: no GPU here'\nexit 3\n")
     fake.chmod(0o755)
-    records = Records(tmp_path / DATABASE_FILE)
+    records = Records.open(f"sqlite:///{tmp_path / DATABASE_FILE}")
     files = FileStore(tmp_path / "files", records)
     heard = []
     runner = JobRunner(
