@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -14,10 +13,10 @@ import torch
 
 from plait.server.adapters.base_identity import served_identities
 from plait.server.adapters.format import base_lora_targets, read_adapter
-from plait.server.adapters.fusions import FusionStore
+from plait.server.adapters.fusions import FusionStore, migrate_fusion_layout
 from plait.server.adapters.merge import merge_adapters
 from plait.server.adapters.routers import RouterCache
-from plait.server.adapters.store import AdapterStore, validate_adapter_id
+from plait.server.adapters.store import AdapterStore, migrate_folder_layout, validate_adapter_id
 from plait.server.base_model import (
     CPU_WEIGHTS,
     ModelLoadError,
@@ -30,9 +29,12 @@ from plait.server.base_model import (
     resolve_model,
 )
 from plait.server.engine import ATTENTION_NAME, Engine, EngineConfig, LoRAConfig
-from plait.server.fine_tuning.jobs import TrainerSetup
+from plait.server.fine_tuning.jobs import DEFAULT_LEASE_SECONDS, TrainerSetup
+from plait.server.fine_tuning.records import DATABASE_FILE, Records, SchemaTooNew
 from plait.server.fine_tuning.service import FineTuning
 from plait.server.metrics import Metrics
+from plait.server.storage.database import DatabaseUnavailable
+from plait.server.storage.objects import FolderObjects, ObjectStore, ObjectStoreUnavailable, open_object_store
 
 log = logging.getLogger("plait.serve")
 
@@ -76,7 +78,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         default=os.environ.get("PLAIT_DATA_DIR") or str(default_data_dir()),
-        help="where the adapter store lives (or PLAIT_DATA_DIR)",
+        help="this replica's folder: the default store and database, local copies, job folders (or PLAIT_DATA_DIR)",
+    )
+    shared = p.add_argument_group("shared state (see the README's Many replicas)")
+    shared.add_argument(
+        "--store",
+        default=os.environ.get("PLAIT_STORE"),
+        help="where adapters, fusions and fine-tuning files live: file:///path or s3://bucket/prefix "
+        "(or PLAIT_STORE; default: the data dir)",
+    )
+    shared.add_argument(
+        "--s3-endpoint-url",
+        default=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        help="an S3-compatible server other than AWS, e.g. MinIO's http://minio:9000",
+    )
+    shared.add_argument(
+        "--store-poll-seconds",
+        type=float,
+        default=5.0,
+        help="how often to look for adapters and fusions changed by other replicas",
+    )
+    shared.add_argument(
+        "--database",
+        default=os.environ.get("PLAIT_DATABASE"),
+        help="where files, jobs and their events are recorded: sqlite:///path or postgresql://... "
+        "(or PLAIT_DATABASE; default: SQLite in the data dir)",
+    )
+    shared.add_argument(
+        "--train",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run queued fine-tuning jobs on this replica (--no-train: serve only; jobs run elsewhere)",
+    )
+    shared.add_argument(
+        "--job-lease-seconds",
+        type=float,
+        default=DEFAULT_LEASE_SECONDS,
+        help="a running job's lease: how long after its replica dies another takes it over",
     )
     p.add_argument("--max-gpu-adapters", type=int, default=8, help="adapters resident on the device at once (slots)")
     p.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters kept parsed in CPU memory")
@@ -150,6 +188,16 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             return _fail(f"{name} must be at least 1")
+    for name, seconds in (
+        ("--store-poll-seconds", args.store_poll_seconds),
+        ("--job-lease-seconds", args.job_lease_seconds),
+    ):
+        if not seconds > 0:
+            return _fail(f"{name} must be more than 0")
+    try:
+        objects, records = open_shared_state(args)
+    except (ValueError, OSError, ObjectStoreUnavailable, DatabaseUnavailable, SchemaTooNew) as exc:
+        return _fail(str(exc).splitlines()[0])
     try:
         device = torch.device(args.device) if args.device else default_device()
         spec = resolve_model(args.model)
@@ -184,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     targets = base_lora_targets(model)  # before the engine wraps those layers
     try:
-        store = AdapterStore(Path(args.data_dir) / "adapters", max_bytes=args.max_adapter_mb << 20)
-        fusions = FusionStore(Path(args.data_dir) / "fusions")
+        store = AdapterStore(objects, Path(args.data_dir) / "cache" / "adapters", max_bytes=args.max_adapter_mb << 20)
+        fusions = FusionStore(objects)
     except OSError as exc:
         return _fail(f"cannot use --data-dir {args.data_dir}: {exc}")
 
@@ -208,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=metrics,
         store=store,
         fusions=fusions,
-        routers=RouterCache(read_version, device),
+        routers=RouterCache(read_version, fusions.router_weights, device),
         lora_targets=targets,
         max_lora_rank=args.max_lora_rank,
         api_key=args.api_key,
@@ -229,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
         )
         context.fine_tuning = FineTuning.open(
+            records,
+            objects,
             Path(args.data_dir),
             setup,
             context.put_adapter_folder,
@@ -236,9 +286,12 @@ def run(args: argparse.Namespace) -> int:
             args.max_file_mb << 20,
             training=_share_cores(engine, device, args.train_threads),
             copy_adapter=context.copy_adapter,
+            train=args.train,
+            lease_seconds=args.job_lease_seconds,
         )
-    except (OSError, sqlite3.Error) as exc:
-        return _fail(f"cannot keep fine-tuning records in --data-dir {args.data_dir}: {exc}")
+    except OSError as exc:
+        return _fail(f"cannot keep fine-tuning work in --data-dir {args.data_dir}: {exc}")
+    context.poll_seconds = args.store_poll_seconds
 
     log.info(
         "serving %s on http://%s:%d (context %d tokens, KV pool %d tokens)",
@@ -252,6 +305,18 @@ def run(args: argparse.Namespace) -> int:
         return serve_http(create_app(context, DRAIN_SECONDS), engine, args)
     finally:
         context.fine_tuning.stop()  # no trainer outlives the server (a no-op when the app already stopped it)
+
+
+def open_shared_state(args: argparse.Namespace) -> tuple[ObjectStore, Records]:
+    """The object store and the records this replica shares with the others (by default, both
+    in the data dir), with what an older Plait left in the data dir moved into today's layout."""
+    data_dir = Path(args.data_dir).absolute()
+    objects = open_object_store(args.store or f"file://{data_dir}", s3_endpoint_url=args.s3_endpoint_url)
+    if isinstance(objects, FolderObjects):
+        migrate_folder_layout(objects.root)
+    migrate_fusion_layout(objects)
+    records = Records.open(args.database or f"sqlite:///{data_dir / DATABASE_FILE}")
+    return objects, records
 
 
 def _share_cores(engine: Engine, device: torch.device, train_threads: int):

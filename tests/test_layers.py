@@ -21,8 +21,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "plait.server.base_model": (),
     "plait.server.fine_tuning.contract": (),
     "plait.server.engine": ("plait.kernels", "plait.server.engine.", *LEAVES),
-    "plait.server.adapters": ("plait.kernels", "plait.server.adapters", *LEAVES),
-    "plait.server.fine_tuning": ("plait.server.fine_tuning", *LEAVES),
+    "plait.server.storage": ("plait.server.storage", *LEAVES),
+    "plait.server.adapters": ("plait.kernels", "plait.server.adapters", "plait.server.storage", *LEAVES),
+    "plait.server.fine_tuning": ("plait.server.fine_tuning", "plait.server.storage", *LEAVES),
     "plait.server.api": (
         "plait.server.api",
         "=plait.server.engine",

@@ -127,12 +127,19 @@ def check_learned_router(data: bytes, members: Sequence[LoRAAdapter], targets: M
 class RouterCache:
     """Each routed fusion's router, built once per fusion record and member versions.
 
-    `read_member(adapter_id, version)` reads one member adapter. Building reads every member,
-    so it runs outside the lock; what `forget_*` drops meanwhile is not cached afterwards.
+    `read_member(adapter_id, version)` reads one member adapter, `read_gates(fusion)` a learned
+    router's safetensors bytes. Building reads every member, so it runs outside the lock; what
+    `forget_*` drops meanwhile is not cached afterwards.
     """
 
-    def __init__(self, read_member: Callable[[str, int], LoRAAdapter], device: torch.device):
+    def __init__(
+        self,
+        read_member: Callable[[str, int], LoRAAdapter],
+        read_gates: Callable[[Fusion], bytes],
+        device: torch.device,
+    ):
         self._read_member = read_member
+        self._read_gates = read_gates
         self._device = device
         self._lock = threading.Lock()
         self._routers: dict[tuple, Router] = {}
@@ -150,7 +157,7 @@ class RouterCache:
         if fusion.router == "arrow":
             router = arrow_router(members, fusion.top_k, fusion.temperature)
         else:
-            tensors = safetensors.torch.load_file(fusion.router_file)
+            tensors = safetensors.torch.load(self._read_gates(fusion))
             router = learned_router(tensors, members, fusion.top_k, fusion.temperature)
         router = router.to(self._device)
         router.identity = key

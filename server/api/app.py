@@ -59,9 +59,11 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        context.start_polling()
         if context.fine_tuning is not None:
-            context.fine_tuning.start()  # settles jobs a previous server left running, runs queued ones
+            context.fine_tuning.start()  # stops trainers a killed server left, runs queued jobs
         yield
+        context.stop_polling()
         if context.fine_tuning is not None:
             await asyncio.to_thread(context.fine_tuning.stop)  # a running trainer is killed, not waited for
         # Finish what is in flight before the process goes; new requests get 503 meanwhile.

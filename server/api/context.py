@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ class ServerContext:
     model_type: str | None = None  # the base model's config.model_type, which decides how tools are shown
     base_identities: frozenset[str] = frozenset()  # the served model's (see adapters.base_identity)
     fine_tuning: FineTuning | None = None  # files and fine-tuning jobs (plait.server.fine_tuning)
+    poll_seconds: float = 5.0  # how often to catch up with adapters and fusions other replicas changed
     created: int = field(default_factory=lambda: int(time.time()))
     # Characters a single token can stand for, at most: a text longer than the context times
     # this cannot fit, which is found without tokenizing it.
@@ -59,11 +61,32 @@ class ServerContext:
     grammars: Grammars = field(init=False)
     chat_format: ChatFormat = field(init=False)
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
+    _stop_polling: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self) -> None:
         self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
         self.grammars = Grammars(self.tokenizer, self.engine.vocab_size)
         self.chat_format = ChatFormat(self.tokenizer, self.model_type)
+        self.store.watch(self._forget)
+        self.fusions.watch(self.routers.forget_fusion)
+
+    def start_polling(self) -> None:
+        """Catch up with the shared store every `poll_seconds` on a thread of its own: adapters and
+        fusions replaced or deleted through another replica free their slots and routers here too."""
+
+        def poll() -> None:
+            while not self._stop_polling.wait(self.poll_seconds):
+                try:
+                    self.store.refresh()
+                    self.fusions.refresh()
+                except Exception as exc:  # the store is unreachable for now: serve what is known, try again
+                    log.warning("catching up with the shared store failed: %s", exc)
+
+        self._stop_polling.clear()
+        threading.Thread(target=poll, name="plait-store-poll", daemon=True).start()
+
+    def stop_polling(self) -> None:
+        self._stop_polling.set()
 
     def stored_adapter(self, adapter_id: str) -> StoredAdapter:
         stored = self.store.get(adapter_id)

@@ -106,10 +106,7 @@ def get_file(file_id: str, ctx: ServerContext = Depends(get_context)):
 def file_content(file_id: str, ctx: ServerContext = Depends(get_context)):
     files = service(ctx).files
     record = files.get(file_id)
-    try:
-        handle = open(files.root / record.id, "rb")  # noqa: SIM115 -- closed by the response's iterator
-    except FileNotFoundError:
-        raise NotFound(f"No such file: '{file_id}'.", "file_id", "file_not_found") from None
+    handle = files.open(file_id)
 
     def chunks():
         with handle:

@@ -82,9 +82,10 @@ def _resolve_model(ctx: ServerContext, served: Served, requested: str | None) ->
     if requested is None or requested == ctx.model_name:
         return
     served.model = requested
-    fusion = ctx.fusions.get(requested)
+    fusion, stored = _lookup(ctx, requested)
     if fusion is None:
-        served.adapters = ((_hold(ctx, served, requested, "model"), 1.0),)
+        served.held.append(stored)
+        served.adapters = ((AdapterKey(stored.id, stored.version), 1.0),)
         return
     served.fusion = fusion
     keys = tuple(_hold(ctx, served, member, "model") for member in fusion.members)
@@ -114,6 +115,19 @@ def _resolve_adapters(
         )
     spec = MergeSpec(how.method, how.density, how.majority_sign_method, how.rank, how.seed)
     served.adapters = ((MergedKey(pairs, spec), 1.0),)
+
+
+def _lookup(ctx: ServerContext, requested: str) -> tuple[Fusion | None, StoredAdapter | None]:
+    """The fusion or the (held) adapter named `requested`: first among those this replica knows,
+    then in the shared store, so that serving a known name never waits for the store."""
+    for refresh in (False, True):
+        fusion = ctx.fusions.get(requested, refresh)
+        if fusion is not None:
+            return fusion, None
+        stored = ctx.store.hold(requested, refresh)
+        if stored is not None:
+            return None, stored
+    raise NotFound(f"The model '{requested}' does not exist.", "model", "model_not_found")
 
 
 def _hold(ctx: ServerContext, served: Served, adapter_id: str, param: str) -> AdapterKey:

@@ -308,6 +308,7 @@ class TrainerRun:
     method: str = "sft"  # or "dpo"
     beta: float | None = None
     init_adapter: str | None = None  # an adapter folder to start from, relative to the working folder
+    resume: bool = False  # continue from the newest checkpoint under the output's `.partial` folder
 
     def command(self, python: str) -> list[str]:
         options = {
@@ -335,7 +336,7 @@ class TrainerRun:
         for flag, value in options.items():
             if value is not None:
                 cmd += [flag, str(value)]
-        return cmd
+        return cmd + (["--resume"] if self.resume else [])
 
 
 # --- chats through a template ---------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Uploaded files for fine-tuning: checked line by line, stored under `<data dir>/files/<id>`.
+"""Uploaded files for fine-tuning: checked line by line, stored as the object `files/<id>`.
 
-An upload is copied to `.upload-*` in that folder while its size is counted, checked there, and
-renamed to its id only when it passed, so a refused file leaves nothing behind; the SQLite row
-(`records.files`) follows the rename. A file is never changed after that, which is why a job may
-hard-link it into its own folder and keep it however the file is deleted later.
+An upload is copied to a local temporary file while its size is counted and checked there; only
+a file that passed is stored (`plait.server.storage.objects`, shared by every replica), and its
+row (`records.files`) follows, so a refused file leaves nothing behind. A file is never changed
+after that, which is why a job may copy it under its own key and keep it however the file is
+deleted later. An object without a row (a crash between the two) is removed at start once it is
+older than `STALE_UPLOAD_SECONDS`: younger, it may be another replica's upload in progress.
 
 The check is the shape of each line, in the formats `plait train` reads: for supervised
 fine-tuning OpenAI chat (`{"messages": [...]}`), `{"prompt", "completion"}` and Alpaca
@@ -27,6 +29,7 @@ from typing import BinaryIO
 from plait.server.errors import ClientError, NotFound, TooLarge
 from plait.server.fine_tuning.contract import parse_example, parse_lines, parse_preference
 from plait.server.fine_tuning.records import FileRecord, Records, new_id
+from plait.server.storage.objects import ObjectStore
 
 log = logging.getLogger("plait.fine_tuning")
 
@@ -34,16 +37,26 @@ PURPOSE = "fine-tune"
 RESULTS_PURPOSE = "fine-tune-results"
 DEFAULT_MAX_FILE_BYTES = 512 << 20
 MAX_LISTED_PROBLEMS = 5
+STALE_UPLOAD_SECONDS = 3600.0
+_FILES = "files/"
 _UPLOAD = ".upload-"
 _CHUNK = 1 << 20
 
 
+def file_key(file_id: str) -> str:
+    return _FILES + file_id
+
+
 class FileStore:
-    def __init__(self, root: Path, records: Records, max_bytes: int = DEFAULT_MAX_FILE_BYTES):
-        self.root = Path(root)
+    def __init__(
+        self, objects: ObjectStore, records: Records, staging_dir: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+    ):
+        """`staging_dir` is a local folder for uploads being checked."""
+        self.objects = objects
         self.records = records
+        self.staging_dir = Path(staging_dir)
         self.max_bytes = max_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
         self._recover()
 
     def add_upload(self, source: BinaryIO, filename: str, purpose: str) -> FileRecord:
@@ -54,26 +67,23 @@ class FileStore:
                 "purpose",
                 "invalid_purpose",
             )
-        fd, temp = tempfile.mkstemp(prefix=_UPLOAD, dir=self.root)
+        fd, temp = tempfile.mkstemp(prefix=_UPLOAD, dir=self.staging_dir)
         temp = Path(temp)
         try:
             with os.fdopen(fd, "wb") as out:
                 size = _copy_limited(source, out, self.max_bytes)
-                out.flush()
-                os.fsync(out.fileno())
             examples, kind = check_training_file(temp)
-            return self._publish(temp, filename, purpose, size, examples, kind)
+            file_id = new_id("file")
+            self.objects.upload(file_key(file_id), temp)
         finally:
-            temp.unlink(missing_ok=True)  # gone already once stored
+            temp.unlink(missing_ok=True)
+        return self._record(file_id, filename, purpose, size, examples, kind)
 
     def add_bytes(self, data: bytes, filename: str, purpose: str) -> FileRecord:
         """Store a file the server made itself (a job's results), unchecked."""
-        fd, temp = tempfile.mkstemp(prefix=_UPLOAD, dir=self.root)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        return self._publish(Path(temp), filename, purpose, len(data), None, None)
+        file_id = new_id("file")
+        self.objects.write(file_key(file_id), data)
+        return self._record(file_id, filename, purpose, len(data), None, None)
 
     def get(self, file_id: str) -> FileRecord:
         record = self.records.get(FileRecord, file_id)
@@ -81,38 +91,46 @@ class FileStore:
             raise NotFound(f"No such file: '{file_id}'.", "file_id", "file_not_found")
         return record
 
-    def path(self, file_id: str) -> Path:
-        return self.root / self.get(file_id).id
+    def open(self, file_id: str) -> BinaryIO:
+        """The file's content as a stream to read and close."""
+        self.get(file_id)
+        stream = self.objects.open(file_key(file_id))
+        if stream is None:
+            raise NotFound(f"No such file: '{file_id}'.", "file_id", "file_not_found")
+        return stream
 
     def delete(self, file_id: str) -> None:
         self.get(file_id)
         self.records.delete(FileRecord, file_id)
-        (self.root / file_id).unlink(missing_ok=True)
+        self.objects.delete(file_key(file_id))
 
-    def _publish(
-        self, temp: Path, filename: str, purpose: str, size: int, examples: int | None, kind: str | None
+    def _record(
+        self, file_id: str, filename: str, purpose: str, size: int, examples: int | None, kind: str | None
     ) -> FileRecord:
-        file_id = new_id("file")
-        os.replace(temp, self.root / file_id)
         record = FileRecord(file_id, _clean_name(filename), purpose, size, int(time.time()), examples, kind)
         try:
             self.records.insert(record)
         except BaseException:
-            (self.root / file_id).unlink(missing_ok=True)
+            self.objects.delete(file_key(file_id))
             raise
         return record
 
     def _recover(self) -> None:
-        """Drop what a crash left: half-copied uploads, files without a row, rows without a file."""
-        known = {record.id for record in self.records.all(FileRecord)}
-        for entry in self.root.iterdir():
-            if entry.is_file() and (entry.name.startswith(_UPLOAD) or entry.name not in known):
-                log.info("fine-tuning files: removing leftover %s", entry.name)
+        """Drop what a crash left: half-copied uploads, old objects without a row, rows without an object."""
+        for entry in self.staging_dir.iterdir():
+            if entry.name.startswith(_UPLOAD):
                 entry.unlink(missing_ok=True)
-        for file_id in known:
-            if not (self.root / file_id).is_file():
-                log.warning("fine-tuning files: %s is missing on disk; dropping its record", file_id)
-                self.records.delete(FileRecord, file_id)
+        known = {record.id for record in self.records.all(FileRecord)}
+        stored = self.objects.list(_FILES)
+        cutoff = time.time() - STALE_UPLOAD_SECONDS
+        for info in stored:
+            if info.key[len(_FILES) :] not in known and info.modified < cutoff:
+                log.info("fine-tuning files: removing %s, stored but never recorded", info.key)
+                self.objects.delete(info.key)
+        present = {info.key[len(_FILES) :] for info in stored}
+        for file_id in known - present:
+            log.warning("fine-tuning files: %s is missing from the store; dropping its record", file_id)
+            self.records.delete(FileRecord, file_id)
 
 
 def _copy_limited(source: BinaryIO, out: BinaryIO, max_bytes: int) -> int:

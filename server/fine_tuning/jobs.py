@@ -1,15 +1,24 @@
-"""Fine-tuning jobs: checked when created, queued in SQLite, run one at a time by a supervisor thread.
+"""Fine-tuning jobs: checked when created, queued in the records, run by whichever replica claims them.
 
-The supervisor (`JobRunner`'s thread) takes the oldest queued job, starts its trainer
-(`TrainerProcess`), follows the event lines the trainer writes (`contract.EventReader`) into
-the job's events and checkpoints, and when the trainer exits 0 publishes the adapter through
-`publish` (the same path as an upload) as `ft:<base>:<suffix>:<job id>`.
+Every replica started with `--train` runs a supervisor (`JobRunner`'s thread) that claims the
+oldest queued job (`Records.claim_job`: exactly one claimer wins), starts its trainer
+(`TrainerProcess`) in a local work folder, follows the event lines the trainer writes
+(`contract.EventReader`) into the job's events and checkpoints, and when the trainer exits 0
+publishes the adapter through `publish` (the same path as an upload) as
+`ft:<base>:<suffix>:<job id>`.
 
+What a job needs lives in the object store under `job-files/<job id>/`, so any replica can run
+it: its data files and the adapter it starts from, copied there when it is created, and its
+newest checkpoint, uploaded whenever the trainer saves one.
+
+- A running job holds a lease that its supervisor renews. A replica that dies stops renewing;
+  once the lease lapses another `--train` replica claims the job, fetches its inputs and
+  checkpoint, and resumes it (`plait train --resume`): the events go on where they stopped.
+- A replica shutting down kills its trainer and hands the job back to the queue, to resume the
+  same way on whichever replica claims it next (itself, once it is back).
 - A failing trainer fails the job with the trainer's own error line.
-- Cancelling a running job kills the trainer's process group; nothing is published.
-- Stopping the server kills the trainer too and leaves the job `running`; when a server opens
-  the records again, such a job is marked failed ("the server restarted while the job was
-  running") and queued jobs run in order.
+- Cancelling a job, on any replica, marks it cancelled; the replica running it sees its lease
+  refused, kills the trainer's process group, and publishes nothing.
 
 The API's threads create, read and cancel jobs while the supervisor runs them: the lock
 orders status changes and the starting and killing of the trainer.
@@ -23,6 +32,7 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,18 +41,21 @@ from pathlib import Path
 
 from plait.server.errors import ClientError, NotFound
 from plait.server.fine_tuning import contract
-from plait.server.fine_tuning.files import PURPOSE, RESULTS_PURPOSE, FileStore
+from plait.server.fine_tuning.files import PURPOSE, RESULTS_PURPOSE, FileStore, file_key
 from plait.server.fine_tuning.hyperparameters import Hyperparameters
-from plait.server.fine_tuning.records import CheckpointRecord, FileRecord, JobRecord, Records, new_id
+from plait.server.fine_tuning.records import CheckpointRecord, EventRecord, FileRecord, JobRecord, Records, new_id
 from plait.server.fine_tuning.trainer_process import TrainerProcess, kill_leftover
+from plait.server.storage.objects import ObjectStore
 
 log = logging.getLogger("plait.fine_tuning")
 
 MAX_SUFFIX_CHARS = 64
-RESTARTED = "the server restarted while the job was running"
+DEFAULT_LEASE_SECONDS = 30.0
 _SUFFIX = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _KEPT_FILES = (contract.LOG_FILE, contract.EVENTS_FILE, contract.REPORT_FILE)  # in a job's folder, afterwards
 INIT_ADAPTER = "init-adapter"  # in a job's folder: a copy of the fine-tuned model it starts from
+_JOB_FILES = "job-files/"
+_CHECKPOINT = "checkpoint.json"  # under job-files/<job id>/: which uploaded checkpoint is the newest
 METHODS = {"supervised": ("sft", "chat"), "dpo": ("dpo", "preference")}  # API name: (trainer's, file format)
 
 
@@ -80,28 +93,35 @@ class JobRunner:
         self,
         records: Records,
         files: FileStore,
-        jobs_dir: Path,
+        objects: ObjectStore,
+        work_dir: Path,
         setup: TrainerSetup,
         publish: Callable[[str, Path], object],
         check_name: Callable[[str], object] = lambda name: None,
         training: Callable[[bool], object] = lambda running: None,
         poll_seconds: float = 0.5,
         copy_adapter: Callable[[str, Path], bool] = lambda name, folder: False,
+        owner: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ):
         """`publish(name, adapter_folder)` serves a finished adapter; `check_name(name)` raises
         ClientError when a fine-tuned model could not be published under `name`; `training(True)`
         is called when a trainer starts and `training(False)` when it has stopped, so the server
         can leave it the cores it was given; `copy_adapter(name, folder)` copies the served
-        adapter `name` into `folder` (False when there is none), for jobs that start from it."""
+        adapter `name` into `folder` (False when there is none), for jobs that start from it.
+        `work_dir` holds this replica's job folders; `owner` names this replica in job leases."""
         self.records = records
         self.files = files
-        self.jobs_dir = Path(jobs_dir).resolve()
+        self.objects = objects
+        self.jobs_dir = Path(work_dir).resolve()
         self.setup = setup
         self.publish = publish
         self.check_name = check_name
         self.training = training
         self.copy_adapter = copy_adapter
         self.poll_seconds = poll_seconds
+        self.owner = owner or f"replica-{secrets.token_hex(6)}"
+        self.lease_seconds = lease_seconds
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -112,19 +132,17 @@ class JobRunner:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Settle what the last server left (running jobs fail), then run queued jobs on a thread."""
+        """Stop trainers a killed server on this machine left running, then run jobs on a thread."""
         if self._thread is not None:
             return
         for job in self.records.all(JobRecord, status="running"):
             if kill_leftover(job.pid, self.jobs_dir / job.id):
                 log.warning("fine-tuning job %s: killed its leftover trainer (pid %d)", job.id, job.pid)
-            _clean_job_dir(self.jobs_dir / job.id)
-            self._finish(job.id, "failed", error={"code": "server_restarted", "message": RESTARTED, "param": None})
         self._thread = threading.Thread(target=self._loop, name="plait-fine-tuning", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Kill a running trainer (its job stays `running` until the next start) and end the thread."""
+        """Kill a running trainer (its job goes back to the queue) and end the thread."""
         self._stopping.set()
         self._wake.set()
         with self._lock:
@@ -184,14 +202,13 @@ class JobRunner:
                 f"The fine-tuned model's name would be invalid: {exc.message}.", "suffix", "invalid_value"
             ) from None
 
-        # The job keeps its own links to the data: deleting the files later does not touch it.
-        job_dir = self.jobs_dir / job_id
-        job_dir.mkdir()
+        # The job keeps its own copies of its inputs: deleting the files later does not touch it.
         try:
             for file_id in dict.fromkeys(filter(None, (training_file, validation_file))):  # the same one may be both
-                _link(self.files.path(file_id), job_dir / file_id)
-            if from_adapter and not self.copy_adapter(model, job_dir / INIT_ADAPTER):
-                raise ClientError(f"No fine-tuned model '{model}' on this server.", "model", "model_not_found")
+                if not self.objects.copy(file_key(file_id), _job_key(job_id, file_id)):
+                    raise ClientError(f"The file '{file_id}' was deleted meanwhile.", "training_file", "invalid_file")
+            if from_adapter:
+                self._keep_init_adapter(job_id, model)
             job = JobRecord(
                 id=job_id,
                 created_at=int(time.time()),
@@ -208,13 +225,21 @@ class JobRunner:
             )
             self.records.insert(job)
         except BaseException:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            self.objects.delete_prefix(_job_key(job_id, ""))
             raise
         self.records.add_event(job_id, f"Created fine-tuning job: {job_id}")
         self.records.add_event(job_id, f"Validated training file: {training_file} ({train.examples} examples)")
         self.records.add_event(job_id, "Files validated, moving job to queued state")
         self._wake.set()
         return self.get(job_id)
+
+    def _keep_init_adapter(self, job_id: str, model: str) -> None:
+        with tempfile.TemporaryDirectory(dir=self.jobs_dir) as temp:
+            folder = Path(temp) / INIT_ADAPTER
+            if not self.copy_adapter(model, folder):
+                raise ClientError(f"No fine-tuned model '{model}' on this server.", "model", "model_not_found")
+            for path in folder.iterdir():
+                self.objects.upload(_job_key(job_id, f"{INIT_ADAPTER}/{path.name}"), path)
 
     def get(self, job_id: str) -> JobRecord:
         job = self.records.get(JobRecord, job_id)
@@ -223,7 +248,8 @@ class JobRunner:
         return job
 
     def cancel(self, job_id: str) -> JobRecord:
-        """Cancel a queued or running job (a running trainer's process group is killed); nothing is published."""
+        """Cancel a queued or running job, wherever it runs (its trainer's process group is killed);
+        nothing is published."""
         with self._lock:
             job = self.get(job_id)
             if job.status in ("succeeded", "failed"):
@@ -236,8 +262,9 @@ class JobRunner:
                 self._finish(job_id, "cancelled")
                 if self._running is not None and self._running[0] == job_id:
                     self._running[1].terminate()  # the supervisor sees the exit and cleans up
-                else:
-                    _clean_job_dir(self.jobs_dir / job_id)
+                elif job.status == "queued":
+                    self.objects.delete_prefix(_job_key(job_id, ""))
+                # running on another replica: its supervisor finds its lease refused, and stops
         return self.get(job_id)
 
     # --- the supervisor thread ------------------------------------------------------------------
@@ -247,47 +274,63 @@ class JobRunner:
             self._wake.clear()
             job = self._claim_next()
             if job is None:
-                self._wake.wait(5.0)
+                self._wake.wait(min(5.0, self.lease_seconds / 3))
                 continue
             try:
                 self._run(job)
             except Exception as exc:  # our own fault: the job fails with it and the queue goes on
                 log.exception("fine-tuning job %s", job.id)
                 with self._lock:
-                    if self.get(job.id).status == "running" and not self._stopping.is_set():
+                    if self._still_ours(job.id) and not self._stopping.is_set():
                         self._fail(job.id, f"internal error running the job: {exc}")
 
     def _claim_next(self) -> JobRecord | None:
         with self._lock:
             if self._stopping.is_set():
                 return None
-            queued, _ = self.records.page(JobRecord, where={"status": "queued"}, limit=1, newest_first=False)
-            if not queued:
+            job = self.records.claim_job(self.owner, self.lease_seconds)
+            if job is None:
                 return None
-            job = queued[0]
-            self.records.update(JobRecord, job.id, status="running", started_at=int(time.time()))
-            self.records.add_event(job.id, "Fine-tuning job started")
-            return self.get(job.id)
+            checkpoint = self._stored_checkpoint(job.id)
+            if checkpoint is not None:
+                self.records.add_event(job.id, f"Fine-tuning job resumed from its checkpoint at step {checkpoint}")
+            elif self.records.all(CheckpointRecord, job_id=job.id) or _ran_before(self.records, job.id):
+                self.records.add_event(job.id, "Fine-tuning job restarted from the beginning (no checkpoint yet)")
+            else:
+                self.records.add_event(job.id, "Fine-tuning job started")
+            return job
 
     def _run(self, job: JobRecord) -> None:
         job_dir = self.jobs_dir / job.id
+        shutil.rmtree(job_dir, ignore_errors=True)  # what an earlier run of it on this machine left
+        job_dir.mkdir(parents=True)
+        resume = self._fetch_inputs(job.id, job_dir)
         with self._lock:
-            if self._stopping.is_set():  # between the claim and here: the job waits for the next start
-                self.records.update(JobRecord, job.id, status="queued", started_at=None)
+            if self._stopping.is_set():  # between the claim and here: back to the queue
+                self.records.release_job(job.id, self.owner)
                 return
-            if self.get(job.id).status != "running":
+            if not self._still_ours(job.id):
                 return  # cancelled meanwhile
             self.training(True)
-            trainer = TrainerProcess(self._trainer_run(job).command(self.setup.python), job_dir)
+            trainer = TrainerProcess(self._trainer_run(job, resume).command(self.setup.python), job_dir)
             self._running = (job.id, trainer)
             self.records.update(JobRecord, job.id, pid=trainer.pid)
         log.info("fine-tuning job %s: trainer started (pid %d)", job.id, trainer.pid)
 
         events, progress = contract.EventReader(job_dir / contract.EVENTS_FILE), _Progress()
+        renewed = time.monotonic()
+        lost = False
         try:
             while (returncode := trainer.wait(self.poll_seconds)) is None:
-                if trainer.kill_sent is None:
-                    self._record(job, events.read(), progress)
+                if trainer.kill_sent is not None:
+                    continue
+                if time.monotonic() - renewed > self.lease_seconds / 3:
+                    if not self.records.renew_lease(job.id, self.owner, self.lease_seconds):
+                        lost = True  # cancelled, or taken over after this replica stalled
+                        trainer.terminate()
+                        continue
+                    renewed = time.monotonic()
+                self._record(job, events.read(), progress)
             trainer.kill_group()
         finally:
             self.training(False)
@@ -295,20 +338,67 @@ class JobRunner:
         with self._lock:
             self._running = None
             status = self.get(job.id).status
-            if status != "cancelled" and not self._stopping.is_set():
-                self._record(job, events.read(), progress)  # what the trainer wrote last
             if status == "cancelled":
                 log.info("fine-tuning job %s: cancelled", job.id)
+                self.objects.delete_prefix(_job_key(job.id, ""))
+            elif lost or not self._still_ours(job.id):
+                log.warning("fine-tuning job %s: another replica holds it now; this run stops", job.id)
             elif self._stopping.is_set():
-                self.records.add_event(job.id, "The server is shutting down: training stopped", level="warn")
-                return  # stays `running`; the next start marks it failed
-            elif returncode == 0:
-                self._succeed(job, job_dir, progress)
+                self.records.add_event(
+                    job.id, "The server is shutting down: training stopped; the job resumes from its last checkpoint"
+                )
+                self.records.update(JobRecord, job.id, pid=None)
+                self.records.release_job(job.id, self.owner)
             else:
-                self._fail(job.id, trainer.error(returncode))
+                self._record(job, events.read(), progress)  # what the trainer wrote last
+                if returncode == 0:
+                    self._succeed(job, job_dir, progress)
+                else:
+                    self._fail(job.id, trainer.error(returncode))
+                self.objects.delete_prefix(_job_key(job.id, ""))
         _clean_job_dir(job_dir)
 
-    def _trainer_run(self, job: JobRecord) -> contract.TrainerRun:
+    def _still_ours(self, job_id: str) -> bool:
+        job = self.get(job_id)
+        return job.status == "running" and job.owner == self.owner
+
+    def _fetch_inputs(self, job_id: str, job_dir: Path) -> bool:
+        """Bring the job's data, starting adapter and newest checkpoint into its folder; whether
+        there was a checkpoint to resume from."""
+        checkpoint = self._stored_checkpoint(job_id)
+        prefix = _job_key(job_id, "")
+        for info in self.objects.list(prefix):
+            relative = info.key[len(prefix) :]
+            if relative == _CHECKPOINT:
+                continue
+            if relative.startswith("checkpoint-"):
+                step_dir, _, rest = relative.partition("/")
+                if checkpoint is None or step_dir != f"checkpoint-{checkpoint}":
+                    continue  # an older one, or one whose upload did not finish
+                relative = f"{contract.ADAPTER_DIR}.partial/checkpoints/step-{checkpoint:08d}/{rest}"
+            target = job_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.objects.download(info.key, target)
+        return checkpoint is not None
+
+    def _stored_checkpoint(self, job_id: str) -> int | None:
+        found = self.objects.read(_job_key(job_id, _CHECKPOINT))
+        return None if found is None else int(json.loads(found.data)["step"])
+
+    def _keep_checkpoint(self, job_id: str, step: int, path: Path) -> None:
+        """Upload the trainer's newest checkpoint for whichever replica resumes the job, then drop the
+        one before it. The marker is written last: a half-uploaded checkpoint is never resumed from."""
+        previous = self._stored_checkpoint(job_id)
+        try:
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                self.objects.upload(_job_key(job_id, f"checkpoint-{step}/{file.relative_to(path)}"), file)
+        except FileNotFoundError:  # the trainer already replaced it with a newer one, which comes next
+            return
+        self.objects.write(_job_key(job_id, _CHECKPOINT), json.dumps({"step": step}).encode())
+        if previous is not None and previous != step:
+            self.objects.delete_prefix(_job_key(job_id, f"checkpoint-{previous}/"))
+
+    def _trainer_run(self, job: JobRecord, resume: bool = False) -> contract.TrainerRun:
         h, s = Hyperparameters(**job.hyperparameters), self.setup
         micro, accum = h.micro_batches
         from_adapter = (self.jobs_dir / job.id / INIT_ADAPTER).is_dir()
@@ -331,6 +421,7 @@ class JobRunner:
             method=METHODS[job.method][0],
             beta=h.beta,
             init_adapter=INIT_ADAPTER if from_adapter else None,
+            resume=resume,
         )
 
     def _record(self, job: JobRecord, events: list[contract.Event], progress: _Progress) -> None:
@@ -365,6 +456,7 @@ class JobRunner:
                     message = f"Step {e.step}: validation loss={e.eval_loss:.4f}" + _shown(e.metrics)
                     self.records.add_event(job.id, message, data=data)
                 case contract.CheckpointEvent():
+                    self._keep_checkpoint(job.id, e.step, self.jobs_dir / job.id / e.path)
                     name = fine_tuned_name(self.setup.base_model, job.suffix, job.id) + f":ckpt-step-{e.step}"
                     self._checkpoint(job.id, e.step, name, e.train_loss, progress.eval_loss.get(e.step))
                     self.records.add_event(job.id, f"Checkpoint created at step {e.step}")
@@ -455,11 +547,13 @@ def _shown(metrics: dict[str, float]) -> str:
     return "".join(f", {name}={value:.4f}" for name, value in metrics.items())
 
 
-def _link(source: Path, target: Path) -> None:
-    try:
-        target.hardlink_to(source)
-    except OSError:
-        shutil.copyfile(source, target)
+def _job_key(job_id: str, name: str) -> str:
+    return f"{_JOB_FILES}{job_id}/{name}"
+
+
+def _ran_before(records: Records, job_id: str) -> bool:
+    """Whether an earlier claim of the job started training (its events say so)."""
+    return any(e.message.startswith("Fine-tuning job started") for e in records.all(EventRecord, job_id=job_id))
 
 
 def _clean_job_dir(job_dir: Path) -> None:

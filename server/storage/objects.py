@@ -28,6 +28,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 _TEMP = ".tmp-"
@@ -63,6 +64,10 @@ class ObjectStore(ABC):
         """The object and its etag, or None when there is none."""
 
     @abstractmethod
+    def open(self, key: str) -> BinaryIO | None:
+        """The object as a stream to read and close (for answers too large to hold), or None."""
+
+    @abstractmethod
     def download(self, key: str, path: Path) -> bool:
         """Copy the object into the new local file `path`; False when there is none."""
 
@@ -70,6 +75,10 @@ class ObjectStore(ABC):
     def write(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
         """Store `data` under `key` and return its etag. With `if_absent`, only if the key is free;
         with `if_match`, only if the object's etag is still that one; PreconditionFailed otherwise."""
+
+    @abstractmethod
+    def upload(self, key: str, path: Path) -> None:
+        """Store the local file `path` under `key` (streamed, for files too large to hold in memory)."""
 
     @abstractmethod
     def copy(self, source: str, target: str) -> bool:
@@ -135,6 +144,12 @@ class FolderObjects(ObjectStore):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def open(self, key: str) -> BinaryIO | None:
+        try:
+            return open(self.root / check_key(key), "rb")  # noqa: SIM115 -- the caller closes it
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
     def download(self, key: str, path: Path) -> bool:
         source = self.root / check_key(key)
         try:
@@ -170,6 +185,20 @@ class FolderObjects(ObjectStore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         return etag
+
+    def upload(self, key: str, path: Path) -> None:
+        target = self.root / check_key(key)
+        fd, temp = _temp_file(target.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, temp)
+            with open(temp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        _fsync_dir(target.parent)
 
     def copy(self, source: str, target: str) -> bool:
         target_path = self.root / check_key(target)

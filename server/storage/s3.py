@@ -14,6 +14,7 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from plait.server.storage.objects import (
     ObjectInfo,
@@ -52,6 +53,14 @@ class S3Objects(ObjectStore):
             raise
         return StoredObject(answer["Body"].read(), answer["ETag"])
 
+    def open(self, key: str) -> BinaryIO | None:
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except Exception as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+
     def download(self, key: str, path: Path) -> bool:
         try:
             self._s3.download_file(self.bucket, self._key(key), str(path))
@@ -76,6 +85,9 @@ class S3Objects(ObjectStore):
                 raise PreconditionFailed(key) from None
             raise
         return answer["ETag"]
+
+    def upload(self, key: str, path: Path) -> None:
+        self._s3.upload_file(str(path), self.bucket, self._key(key))
 
     def copy(self, source: str, target: str) -> bool:
         try:

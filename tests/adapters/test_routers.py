@@ -21,6 +21,7 @@ from plait.server.adapters.format import base_lora_targets, read_adapter
 from plait.server.adapters.fusions import Fusion, FusionStore
 from plait.server.adapters.routers import Gate, Router, RouterCache, arrow_router
 from plait.server.engine.lora import LoRALayers
+from plait.server.storage.objects import FolderObjects
 
 MEMBERS = ["skill0", "skill1", "skill2"]
 LENGTH = 6
@@ -170,12 +171,12 @@ def _cache(made, reads: list | None = None) -> RouterCache:
             reads.append((adapter_id, version))
         return by_name[adapter_id]
 
-    return RouterCache(read_member, torch.device("cpu"))
+    return RouterCache(read_member, lambda fusion: b"", torch.device("cpu"))
 
 
 def test_a_fusion_created_again_under_its_id_gets_its_new_router(made, tmp_path):
     """Even within the same second: the cache keys on the record's revision, not its time."""
-    store, cache = FusionStore(tmp_path), _cache(made)
+    store, cache = FusionStore(FolderObjects(tmp_path)), _cache(made)
     versions = [(name, 1) for name in MEMBERS]
     first = cache.get(store.put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1)), versions)
     store.delete("mix")
@@ -186,7 +187,7 @@ def test_a_fusion_created_again_under_its_id_gets_its_new_router(made, tmp_path)
 
 
 def test_routers_are_dropped_with_their_fusion_or_a_replaced_member(made, tmp_path):
-    store, reads = FusionStore(tmp_path), []
+    store, reads = FusionStore(FolderObjects(tmp_path)), []
     cache = _cache(made, reads)
     mix = store.put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1))
     pair = store.put(Fusion("pair", tuple(MEMBERS[:2]), "arrow", top_k=1))
@@ -201,7 +202,7 @@ def test_routers_are_dropped_with_their_fusion_or_a_replaced_member(made, tmp_pa
 
 def test_the_cache_takes_builds_and_forgets_from_many_threads_at_once(made, tmp_path):
     cache = _cache(made)
-    fusion = FusionStore(tmp_path).put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1))
+    fusion = FusionStore(FolderObjects(tmp_path)).put(Fusion("mix", tuple(MEMBERS), "arrow", top_k=1))
     errors, done = [], threading.Event()
 
     def build(worker: int) -> None:

@@ -22,6 +22,7 @@ from plait.server.api.app import create_app
 from plait.server.api.context import ServerContext
 from plait.server.engine import Engine, EngineConfig, LoRAConfig
 from plait.server.metrics import Metrics
+from plait.server.storage.objects import FolderObjects
 
 # SmolLM2-135M: hidden size, key/value width, decoder layers.
 HIDDEN, KV, LAYERS = 576, 192, 30
@@ -59,7 +60,9 @@ def in_process(tmp_path, tokenizer, tiny_llama):
     def make(run_engine: bool = True):
         model = tiny_llama()
         targets = base_lora_targets(model)
-        store = AdapterStore(tmp_path / "adapters")
+        objects = FolderObjects(tmp_path / "store")
+        store = AdapterStore(objects, tmp_path / "cache")
+        fusions = FusionStore(objects)
 
         def read_version(adapter_id: str, version: int):
             return read_adapter(store.version_path(adapter_id, version), targets, 16)
@@ -72,8 +75,8 @@ def in_process(tmp_path, tokenizer, tiny_llama):
             model_name="tiny",
             metrics=engine.metrics,
             store=store,
-            fusions=FusionStore(tmp_path / "fusions"),
-            routers=RouterCache(read_version, torch.device("cpu")),
+            fusions=fusions,
+            routers=RouterCache(read_version, fusions.router_weights, torch.device("cpu")),
             lora_targets=targets,
             max_lora_rank=16,
         )

@@ -29,8 +29,15 @@ def test_write_read_list_delete(objects, tmp_path):
     assert [info.key for info in objects.list("a/")] == ["a/b", "a/c/d"]
     assert [info.key for info in objects.list("")] == ["a/b", "a/c/d", "z"]
     assert objects.list("a/")[0].etag == etag
+    with objects.open("a/c/d") as stream:
+        assert stream.read(2) == b"tw" and stream.read() == b"o"
+    assert objects.open("missing") is None
     assert objects.download("a/c/d", tmp_path / "d") and (tmp_path / "d").read_bytes() == b"two"
     assert not objects.download("missing", tmp_path / "m") and not (tmp_path / "m").exists()
+    (tmp_path / "big").write_bytes(b"x" * 100_000)
+    objects.upload("up/loaded", tmp_path / "big")
+    assert objects.read("up/loaded").data == b"x" * 100_000
+    objects.delete("up/loaded")
     assert objects.copy("z", "y/z") and objects.read("y/z").data == b"three"
     assert not objects.copy("missing", "y/missing")
     objects.delete("a/b")
