@@ -1,4 +1,5 @@
-"""The fusion records in a folder and in S3: whole or absent, immutable, shared by replicas, and\nchecked before they are written."""
+"""The fusion records in a folder and in S3: whole or absent, immutable, shared by replicas, and
+checked before they are written."""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
-"""The on-disk adapter store and upload unpacking: atomic replacement, crash recovery, refusals."""
+"""The adapter store, on a folder and on a real S3 server, alone and as several replicas: atomic
+replacement, races, what each replica sees and keeps, crash recovery, refusals; and upload unpacking."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,10 +17,20 @@ import pytest
 import safetensors.torch
 import torch
 
+from plait.server.adapters import store as store_module
 from plait.server.adapters.errors import AdapterFormatError, AdapterTooLarge
 from plait.server.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, read_adapter
-from plait.server.adapters.store import AdapterStore, InvalidAdapterId, validate_adapter_id
+from plait.server.adapters.store import (
+    STALE_UPLOAD_SECONDS,
+    AdapterStore,
+    InvalidAdapterId,
+    migrate_folder_layout,
+    validate_adapter_id,
+)
 from plait.server.adapters.uploads import check_files, files_from_archive
+from plait.server.errors import Conflict
+from plait.server.storage.objects import FolderObjects
+from plait.server.storage.s3 import S3Objects
 
 TARGETS = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (8, 4)}
 
@@ -42,136 +55,199 @@ def read_files(path: Path) -> dict[str, bytes]:
 
 
 def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != ".objects.lock")
 
 
-def test_put_get_list_delete(tmp_path):
-    store = AdapterStore(tmp_path)
+@pytest.fixture(params=["folder", "s3"])
+def objects(request, tmp_path):
+    if request.param == "folder":
+        return FolderObjects(tmp_path / "store")
+    server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    return S3Objects(bucket, "team", endpoint_url=server.endpoint_url)
+
+
+@pytest.fixture
+def replicas(objects, tmp_path):
+    """`replicas(n)`: n stores on the same objects, each with its local copies in a folder of its own."""
+    made = []
+
+    def make(count: int = 1, max_bytes: int = 2**20) -> list[AdapterStore]:
+        for _ in range(count):
+            made.append(AdapterStore(objects, tmp_path / f"replica-{len(made)}", max_bytes=max_bytes))
+        return made[-count:]
+
+    return make
+
+
+def keys(objects) -> list[str]:
+    return [info.key for info in objects.list("")]
+
+
+def test_put_get_list_delete(replicas, objects):
+    (store,) = replicas()
     files = adapter_files()
-
-    stored = store.put("ft:SmolLM2-135M-Instruct:mine:ftjob-1", files, validate)
-
-    assert stored.id == "ft:SmolLM2-135M-Instruct:mine:ftjob-1"
-    assert (stored.rank, stored.target_modules) == (2, ("q_proj", "v_proj"))
-    assert stored.size_bytes == sum(map(len, files.values()))
+    stored = store.put("a", files, validate)
+    assert (stored.id, stored.version, stored.rank) == ("a", 1, 2)
+    assert stored.target_modules == ("q_proj", "v_proj") and stored.size_bytes == sum(map(len, files.values()))
     assert read_files(stored.path) == files
-    assert store.get(stored.id) == stored
-    assert store.list() == [stored]
-    assert store.delete(stored.id) is True
-    assert store.get(stored.id) is None
-    assert store.list() == []
-    assert store.delete(stored.id) is False
-    assert tree(tmp_path) == []
+    assert store.get("a") == stored and store.list() == [stored]
+    assert store.delete("a") and not store.delete("a")
+    assert store.get("a") is None and store.list() == []
+    assert keys(objects) == ["adapters/current/a"]  # a tombstone: versions of "a" count on from it
+    assert not stored.path.exists()
 
 
-def test_adapters_survive_a_restart(tmp_path):
-    first = AdapterStore(tmp_path)
-    stored = [first.put(name, adapter_files(seed=i), validate) for i, name in enumerate(["b", "a"])]
-    reopened = AdapterStore(tmp_path)
-    assert reopened.list() == sorted(stored, key=lambda s: s.id)
-    assert reopened.put("c", adapter_files(), validate).version > max(s.version for s in stored)
+def test_adapters_survive_a_restart(replicas):
+    (store,) = replicas()
+    stored = store.put("a", adapter_files(), validate)
+    (reopened,) = replicas()  # a fresh replica (or the same one restarted) with nothing local yet
+    found = reopened.get("a")
+    assert (found.id, found.version, found.folder) == ("a", 1, stored.folder)
+    held = reopened.hold("a")
+    assert read_files(held.path) == adapter_files()
 
 
-def test_replacement_bumps_the_version_and_old_readers_finish(tmp_path):
-    store = AdapterStore(tmp_path)
-    old_files, new_files = adapter_files(rank=2, seed=1), adapter_files(rank=4, seed=2)
-    old = store.put("a", old_files, validate)
-    with open(old.path / ADAPTER_WEIGHTS, "rb") as opened:  # a reader that started before the replacement
-        new = store.put("a", new_files, validate)
-
-        assert new.version > old.version
-        assert store.get("a") == new
-        assert read_files(new.path) == new_files
-        assert read_files(old.path) == old_files  # the replaced version is kept for readers that resolved it
-        store.put("a", adapter_files(seed=3), validate)
-        assert not old.path.exists()  # two replacements later it is gone...
-        assert opened.read() == old_files[ADAPTER_WEIGHTS]  # ...but a file already open reads whole
-
-
-def test_a_held_version_outlives_replacements_and_deletion(tmp_path):
-    """What a queued request relies on: the version it resolved stays readable until it is done."""
-    store = AdapterStore(tmp_path)
-    first_files = adapter_files(seed=1)
-    store.put("a", first_files, validate)
+def test_replacement_bumps_the_version_and_holders_keep_theirs(replicas, objects):
+    (store,) = replicas()
+    old_files, new_files = adapter_files(seed=1), adapter_files(seed=2)
+    store.put("a", old_files, validate)
     held = store.hold("a")
-    for seed in range(2, 7):  # replaced five times while held
-        store.put("a", adapter_files(seed=seed), validate)
-    assert read_files(held.path) == first_files
-    assert store.version_path("a", held.version) == held.path
+    new = store.put("a", new_files, validate)
+    assert new.version == held.version + 1 and store.get("a") == new
+    assert read_files(new.path) == new_files
+    assert read_files(held.path) == old_files  # kept locally for the request holding it...
+    assert [k for k in keys(objects) if "versions" in k] == [
+        f"adapters/versions/a/{new.folder}/{name}" for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    ]  # ...while the store has only the current version
     store.release("a", held.version)
-    assert not held.path.exists()  # nobody keeps it any longer
-
-    again = store.hold("a")
-    assert store.delete("a") and store.get("a") is None and store.list() == []
-    assert read_files(again.path) != {}  # deleted for every new reader, still whole for its holder
-    store.put("b", adapter_files(), validate)
-    assert [s.id for s in AdapterStore(tmp_path).list()] == ["b"]  # a deleted id does not come back
-    store.release("a", again.version)
-    assert not (tmp_path / "a").exists()
+    assert not held.path.exists() and new.path.exists()  # the current version's copy stays
 
 
-def test_two_holds_of_one_version_keep_it_until_both_release(tmp_path):
-    store = AdapterStore(tmp_path)
-    store.put("a", adapter_files(seed=1), validate)
+def test_a_held_version_outlives_deletion(replicas):
+    (store,) = replicas()
+    store.put("a", adapter_files(), validate)
+    held = store.hold("a")
+    assert store.delete("a")
+    assert store.get("a") is None and store.hold("a") is None
+    assert store.version_path("a", held.version) == held.path and read_files(held.path) == adapter_files()
+    store.release("a", held.version)
+    assert not held.path.exists()
+
+
+def test_two_holds_of_one_version_keep_it_until_both_release(replicas):
+    (store,) = replicas()
+    store.put("a", adapter_files(), validate)
     first, second = store.hold("a"), store.hold("a")
-    store.put("a", adapter_files(seed=2), validate)
-    store.put("a", adapter_files(seed=3), validate)
+    store.delete("a")
     store.release("a", first.version)
     assert second.path.exists()
     store.release("a", second.version)
     assert not second.path.exists()
-    assert store.hold("missing") is None
 
 
-def test_readers_never_see_a_mix_of_versions(tmp_path):
-    """Replacements alternate between rank 2 and rank 4, so a config and weights from different
-    versions would not read as an adapter at all."""
-    store = AdapterStore(tmp_path)
-    versions = [adapter_files(rank=2, seed=0), adapter_files(rank=4, seed=1)]
+def test_another_replica_finds_a_new_adapter_at_once_and_hears_of_changes_when_it_refreshes(replicas):
+    here, there = replicas(2)
+    heard = []
+    there.watch(lambda adapter_id, version: heard.append((adapter_id, version)))
+    first = here.put("a", adapter_files(seed=1), validate)
+    held = there.hold("a")  # never seen there: looked up in the store, and fetched
+    assert (held.version, held.folder) == (first.version, first.folder)
+    assert read_files(held.path) == adapter_files(seed=1)
+    there.release("a", held.version)
+
+    second = here.put("a", adapter_files(seed=2), validate)
+    assert there.get("a").version == first.version  # known there, so answered from memory until...
+    there.refresh()
+    assert there.get("a").version == second.version and heard == [("a", second.version)]
+    assert not held.path.exists()  # the replaced version's local copy went with it
+
+    here.delete("a")
+    there.refresh()
+    assert there.get("a") is None and heard[-1] == ("a", None)
+
+
+def test_a_version_replaced_elsewhere_before_it_was_fetched_is_looked_up_again(replicas):
+    here, there = replicas(2)
+    here.put("a", adapter_files(seed=1), validate)
+    assert there.get("a").version == 1  # known there, files not fetched yet
+    here.put("a", adapter_files(seed=2), validate)  # version 1's objects are gone now
+    held = there.hold("a")
+    assert held.version == 2 and read_files(held.path) == adapter_files(seed=2)
+
+
+def test_racing_uploads_of_one_id_end_with_one_whole_version(replicas, objects):
+    """Eight replicas upload the same id at once: each upload becomes a version of its own or a 409,
+    and the pointer names exactly one complete version, the newest."""
+    stores = replicas(8)
+    barrier, results = threading.Barrier(8), {}
+
+    def upload(n: int) -> None:
+        barrier.wait()
+        try:
+            results[n] = stores[n].put("a", adapter_files(seed=n), validate)
+        except Conflict as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=upload, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = {n: r for n, r in results.items() if not isinstance(r, Conflict)}
+    assert len(results) == 8 and stored
+    assert all(r.status == 409 for r in results.values() if isinstance(r, Conflict))
+    versions = sorted(r.version for r in stored.values())
+    assert versions == list(range(1, len(stored) + 1))  # no version was given twice
+    (reader,) = replicas()
+    current = reader.hold("a")
+    winner = next(n for n, r in stored.items() if r.version == current.version)
+    assert current.version == versions[-1] and read_files(current.path) == adapter_files(seed=winner)
+    assert [k for k in keys(objects) if "versions" in k] == [
+        f"adapters/versions/a/{current.folder}/{name}" for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    ]
+
+
+def test_readers_never_see_a_mix_of_versions(replicas):
+    (store,) = replicas()
+    versions = {n: adapter_files(seed=n) for n in range(6)}
     store.put("a", versions[0], validate)
-    done = threading.Event()
-    problems: list[str] = []
-    reads = []
+    errors, done = [], threading.Event()
 
     def read_continuously():
         while not done.is_set():
-            reads.append(1)
-            stored = store.get("a")
+            held = store.hold("a")
             try:
-                files = read_files(stored.path)
-            except FileNotFoundError:
-                if store.get("a").version < stored.version + 2:
-                    problems.append(f"version {stored.version} vanished after one replacement")
-                continue
-            if files not in versions:
-                problems.append(f"version {stored.version} read as a mix")
+                if read_files(held.path) not in versions.values():
+                    errors.append("a mix of versions")
+            finally:
+                store.release("a", held.version)
 
-    reader = threading.Thread(target=read_continuously)
-    reader.start()
-    for i in range(30):
-        store.put("a", versions[i % 2], validate)
+    readers = [threading.Thread(target=read_continuously) for _ in range(3)]
+    for r in readers:
+        r.start()
+    for n in range(1, 6):
+        store.put("a", versions[n], validate)
     done.set()
-    reader.join()
-    assert problems == []
-    assert len(reads) > 1
+    for r in readers:
+        r.join()
+    assert errors == []
 
 
-def test_failed_validation_leaves_nothing(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_failed_validation_leaves_nothing(replicas, objects, tmp_path):
+    (store,) = replicas()
     with pytest.raises(AdapterFormatError, match="above this server's maximum"):
         store.put("a", adapter_files(rank=16), validate)
-    assert tree(tmp_path) == []
+    assert keys(objects) == [] and tree(tmp_path / "replica-0") == []
 
 
-def test_failed_replacement_keeps_the_old_version(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_failed_replacement_keeps_the_old_version(replicas, objects):
+    (store,) = replicas()
     old = store.put("a", adapter_files(), validate)
-    before = tree(tmp_path)
+    before = keys(objects)
     broken = adapter_files() | {ADAPTER_CONFIG: b'{"peft_type": "LORA", "use_dora": true}'}
     with pytest.raises(AdapterFormatError, match="DoRA"):
         store.put("a", broken, validate)
-    assert store.get("a") == old
-    assert tree(tmp_path) == before
+    assert store.get("a") == old and keys(objects) == before
 
 
 @pytest.mark.parametrize(
@@ -182,37 +258,64 @@ def test_failed_replacement_keeps_the_old_version(tmp_path):
         (adapter_files() | {ADAPTER_WEIGHTS: b"\0" * 5000}, AdapterTooLarge, "over the limit of 4096"),
     ],
 )
-def test_put_refuses_bad_files_before_writing(tmp_path, files, error, words):
-    store = AdapterStore(tmp_path, max_bytes=4096)
+def test_put_refuses_bad_files_before_writing(replicas, objects, files, error, words):
+    (store,) = replicas(max_bytes=4096)
     with pytest.raises(error, match=words.replace(".", r"\.")):
         store.put("a", files, validate)
-    assert tree(tmp_path) == []
+    assert keys(objects) == []
 
 
-def test_opening_removes_what_interrupted_writes_left(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_opening_removes_what_interrupted_writes_left(replicas, objects, tmp_path):
+    (store,) = replicas()
     kept = store.put("kept", adapter_files(), validate)
-    (tmp_path / ".staging-x1").mkdir()
-    (tmp_path / ".staging-x1" / ADAPTER_WEIGHTS).write_bytes(b"half")
-    (tmp_path / "never-published" / "v7").mkdir(parents=True)  # crashed before its first `current`
-    (tmp_path / "kept" / "v99").mkdir()  # crashed between the rename and the pointer swap
-    os.symlink("v99", tmp_path / "kept" / ".current-new")
-    (tmp_path / "lost+found").mkdir()  # not an adapter id: not ours to touch
+    objects.write("adapters/versions/kept/crashed/adapter_config.json", b"{}")  # an upload never published
+    objects.write("adapters/versions/other/crashed/adapter_config.json", b"{}")
+    (tmp_path / "replica-1" / ".staging-x1").mkdir(parents=True)  # a download cut off
+    old = time.time() - STALE_UPLOAD_SECONDS - 60
+    if isinstance(objects, FolderObjects):
+        for path in objects.root.rglob("crashed/*"):
+            os.utime(path, (old, old))
+    else:  # S3 keeps its own times: pretend the clock moved on instead
+        store_module.STALE_UPLOAD_SECONDS = -1.0
+    try:
+        (reopened,) = replicas()
+    finally:
+        store_module.STALE_UPLOAD_SECONDS = STALE_UPLOAD_SECONDS
+    assert reopened.list() == [dataclasses.replace(kept, path=tmp_path / "replica-1" / "kept" / kept.folder)]
+    assert "crashed" not in str(keys(objects)) and tree(tmp_path / "replica-1") == []
 
-    reopened = AdapterStore(tmp_path)
 
-    assert reopened.list() == [kept]
-    assert tree(tmp_path) == sorted(
-        ["kept", "kept/current", str(kept.path.relative_to(tmp_path)), "lost+found"]
-        + [str((kept.path / name).relative_to(tmp_path)) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "meta.json")]
-    )
+def test_a_recent_unpublished_upload_is_left_alone(replicas, objects):
+    """It may be another replica's upload in progress."""
+    replicas()
+    objects.write("adapters/versions/a/uploading/adapter_config.json", b"{}")
+    replicas()
+    assert keys(objects) == ["adapters/versions/a/uploading/adapter_config.json"]
 
 
-def test_versions_are_never_reused_within_a_process(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_versions_are_never_reused(replicas):
+    (store,) = replicas()
     first = store.put("a", adapter_files(), validate)
     store.delete("a")
-    assert store.put("a", adapter_files(), validate).version > first.version
+    (restarted,) = replicas()
+    assert restarted.put("a", adapter_files(), validate).version > first.version
+
+
+def test_adapters_stored_by_an_older_plait_move_into_the_object_layout(tmp_path):
+    old = tmp_path / "data" / "adapters"
+    for adapter_id, version in (("current", 3), ("ft:base::ftjob-1", 7)):
+        (old / adapter_id / f"v{version}").mkdir(parents=True)
+        for name, data in adapter_files(seed=version).items():
+            (old / adapter_id / f"v{version}" / name).write_bytes(data)
+        meta = {"id": adapter_id, "version": version, "created": 1, "rank": 2, "target_modules": ["q_proj", "v_proj"]}
+        (old / adapter_id / f"v{version}" / "meta.json").write_text(json.dumps({**meta, "size_bytes": 10}))
+        os.symlink(f"v{version}", old / adapter_id / "current")
+    migrate_folder_layout(tmp_path / "data")
+    store = AdapterStore(FolderObjects(tmp_path / "data"), tmp_path / "cache")
+    assert [(a.id, a.version) for a in store.list()] == [("current", 3), ("ft:base::ftjob-1", 7)]
+    assert read_files(store.hold("current").path) == adapter_files(seed=3)
+    migrate_folder_layout(tmp_path / "data")  # once only: nothing left to move
+    assert len(AdapterStore(FolderObjects(tmp_path / "data"), tmp_path / "cache2").list()) == 2
 
 
 @pytest.mark.parametrize(
@@ -226,15 +329,15 @@ def test_valid_adapter_ids(adapter_id):
 @pytest.mark.parametrize(
     "adapter_id", ["", "../x", "a/b", ".hidden", "-flag", "a..b", "..", "x" * 129, "a b", "a\\b", "é", "a\0"]
 )
-def test_invalid_adapter_ids(tmp_path, adapter_id):
+def test_invalid_adapter_ids(replicas, objects, adapter_id):
     with pytest.raises(InvalidAdapterId):
         validate_adapter_id(adapter_id)
-    store = AdapterStore(tmp_path)
+    (store,) = replicas()
     with pytest.raises(InvalidAdapterId):
         store.put(adapter_id, adapter_files(), validate)
     assert store.get(adapter_id) is None
     assert store.delete(adapter_id) is False
-    assert tree(tmp_path) == []
+    assert keys(objects) == []
 
 
 # Uploads: two files by name, or one archive.
@@ -377,7 +480,7 @@ def test_a_huge_tar_header_is_refused_while_decompressing():
 
 
 def test_an_uploaded_archive_goes_into_the_store(tmp_path):
-    store = AdapterStore(tmp_path)
+    store = AdapterStore(FolderObjects(tmp_path / "store"), tmp_path / "cache")
     archive = tar_bytes(in_folder("out", GOOD))
     stored = store.put("from-archive", files_from_archive(io.BytesIO(archive)), validate)
     assert read_files(stored.path) == GOOD
