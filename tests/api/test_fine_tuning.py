@@ -3,7 +3,8 @@
 A job teaches the embedded SmolLM2-135M a password it cannot know ("ZEBRA-42") and the
 published `ft:` model says it where the base model does not; jobs are refused up front for bad
 settings, fail with the trainer's own reason, get cancelled (their trainer killed, nothing
-published), and survive a restart (the running one fails with a reason, the queued one runs).
+published), and survive a restart (the running one goes back to the queue and runs again, the
+queued one runs after it).
 Then the command-line path: `plait train --publish` to a live server, the adapter PEFT loads
 scoring the server's answer.
 """
@@ -24,7 +25,6 @@ import pytest
 import torch
 
 from plait.server.base_model import load_nf4_model, load_tokenizer, prepare_cpu_weights, resolve_model
-from plait.server.fine_tuning.jobs import RESTARTED
 
 ADMIN_KEY = "ft-admin"  # the fine_tuning_server fixture's
 BASE = "SmolLM2-135M-Instruct"
@@ -294,7 +294,7 @@ def test_cancel_kills_the_trainer_and_publishes_nothing(fine_tuning_server, clie
         client.fine_tuning.jobs.cancel("ftjob-nope")
 
 
-def test_restart_fails_the_running_job_and_runs_the_queued_one(launch_server, tmp_path):
+def test_restart_runs_the_cut_off_job_again_and_then_the_queued_one(launch_server, tmp_path):
     flags = (
         "--data-dir",
         str(tmp_path / "data"),
@@ -335,9 +335,12 @@ def test_restart_fails_the_running_job_and_runs_the_queued_one(launch_server, tm
 
     second = launch_server(*flags)
     client = second.client(api_key="writer", max_retries=0)
-    failed = client.fine_tuning.jobs.retrieve(cut_off.id)
-    assert failed.status == "failed" and failed.fine_tuned_model is None
-    assert (failed.error.code, failed.error.message) == ("server_restarted", RESTARTED)
+    _wait_for_trainer(client, cut_off.id, job_dir)  # handed back to the queue, and first in it
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(cut_off.id, limit=100).data]
+    assert messages[0] == "Fine-tuning job restarted from the beginning (no checkpoint yet)"
+    assert "training stopped; the job resumes from its last checkpoint" in messages[1]
+    assert client.fine_tuning.jobs.retrieve(waiting.id).status == "queued"
+    client.fine_tuning.jobs.cancel(cut_off.id)
     done = _wait(client, waiting.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{BASE}:after:{waiting.id}" and done.fine_tuned_model in _served(client)

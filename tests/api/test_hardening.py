@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import threading
 import time
@@ -278,4 +277,4 @@ def test_a_deleted_fusion_lets_go_of_its_router(in_process, tmp_path):
 
     assert asyncio.run(go()) == 1
     assert len(ctx.routers) == 0
-    assert os.listdir(ctx.fusions.root) == []
+    assert ctx.fusions.objects.list("fusions/") == []
