@@ -193,7 +193,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_dir: Path, *args: str) -> LiveServer:
+def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -> LiveServer:
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     if "--data-dir" not in args:
@@ -204,7 +204,11 @@ def start_server(tmp_dir: Path, *args: str) -> LiveServer:
     log = open(log_path, "w")  # noqa: SIM115 -- lives as long as the process
     # cwd outside the checkout: a repo-root `kernels/` on sys.path would shadow the PyPI package.
     proc = subprocess.Popen(
-        cmd, cwd=tmp_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd,
+        cwd=tmp_dir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + STARTUP_SECONDS
@@ -249,13 +253,14 @@ class _Launcher:
         self.tmp_dir = tmp_dir
         self.started: list[LiveServer] = []
 
-    def __call__(self, *args: str) -> LiveServer:
-        self.started.append(start_server(self.tmp_dir, *args))
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> LiveServer:
+        self.started.append(start_server(self.tmp_dir, *args, env=env))
         return self.started[-1]
 
     def stop_all(self) -> None:
         for s in self.started:
-            stop_server(s)
+            if s.process.poll() is None:
+                stop_server(s)
 
 
 @pytest.fixture(scope="module")
@@ -357,23 +362,39 @@ def postgres_server(tmp_path_factory):
     server.cleanup()
 
 
-@pytest.fixture
-def postgres_url(postgres_server) -> str:
-    """A fresh, empty database of its own for each test."""
+@pytest.fixture(scope="session")
+def new_postgres_database(postgres_server):
+    """`new_postgres_database()`: the URL of a new, empty database on the run's PostgreSQL."""
     import secrets
 
     import psycopg
 
-    name = "plait_" + secrets.token_hex(6)
-    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres_server.get_uri(name)
+    def make() -> str:
+        name = "plait_" + secrets.token_hex(6)
+        with psycopg.connect(postgres_server.get_uri(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return postgres_server.get_uri(name)
+
+    return make
+
+
+@pytest.fixture
+def postgres_url(new_postgres_database) -> str:
+    """A fresh, empty database of its own for each test."""
+    return new_postgres_database()
 
 
 @dataclass
 class S3Server:
     endpoint_url: str
     env: dict[str, str]  # credentials and region, for clients and the servers tests start
+
+    def new_bucket(self) -> str:
+        import secrets
+
+        name = "plait-" + secrets.token_hex(6)
+        self.client().create_bucket(Bucket=name)
+        return name
 
     def client(self):
         import boto3
@@ -403,10 +424,7 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server, monkeypatch) -> str:
     """A fresh bucket for each test, its name; the AWS variables point this process at the server."""
-    import secrets
 
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
-    name = "plait-" + secrets.token_hex(6)
-    s3_server.client().create_bucket(Bucket=name)
-    return name
+    return s3_server.new_bucket()

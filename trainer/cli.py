@@ -13,11 +13,13 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from plait.server.fine_tuning.contract import ERROR_PREFIX
+from plait.server.fine_tuning.contract import ERROR_PREFIX, SERVER_PID_VARIABLE
 from plait.trainer.config import FIELDS, MAX_BETA, METHODS, ConfigError, TrainConfig, build_config, load_config_file
 from plait.trainer.data import DataError, Example, PairExample, read_examples, read_pairs
 
@@ -109,6 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _stop_with_server()
     try:
         config = resolve_config(args)
         read = read_pairs if config.method == "dpo" else read_examples
@@ -126,6 +129,20 @@ def run(args: argparse.Namespace) -> int:
             f"plait train: interrupted; continue from the last checkpoint in {run_dir} with --resume", file=sys.stderr
         )
         return 130
+
+
+def _stop_with_server() -> None:
+    """A fine-tuning job's trainer ends, with everything it started, once its server is gone."""
+    server = os.environ.get(SERVER_PID_VARIABLE)
+    if not server or os.getppid() != int(server):
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(server):
+            time.sleep(1.0)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="plait-server-watch", daemon=True).start()
 
 
 # What an --init-adapter brings itself.

@@ -41,6 +41,9 @@ ADAPTER_DIR = "adapter"  # the trainer's --output: a PEFT adapter folder, rename
 REPORT_FILE = "training_report.json"  # inside the adapter folder
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "train.log"  # the trainer's stdout and stderr
+# Set by the server for the trainers of its jobs: a trainer whose server died stops itself, so a
+# replica killed outright leaves no training behind to compete with the one that takes the job over.
+SERVER_PID_VARIABLE = "PLAIT_SERVER_PID"
 ERROR_PREFIX = "plait train: error: "  # the line that says why a run failed; detail lines follow, indented
 
 

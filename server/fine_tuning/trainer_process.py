@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from plait.server.fine_tuning.contract import ERROR_PREFIX, LOG_FILE
+from plait.server.fine_tuning.contract import ERROR_PREFIX, LOG_FILE, SERVER_PID_VARIABLE
 
 log = logging.getLogger("plait.fine_tuning")
 
@@ -30,6 +30,7 @@ class TrainerProcess:
     def __init__(self, command: list[str], work_dir: Path):
         env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENVIRONMENT}
         env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")  # progress comes through the events file
+        env[SERVER_PID_VARIABLE] = str(os.getpid())
         with open(work_dir / LOG_FILE, "ab") as log_file:
             self.process = subprocess.Popen(
                 command,
