@@ -139,6 +139,7 @@ class AdapterStore:
                 shutil.rmtree(entry, ignore_errors=True)
         self.refresh()
         self._remove_stale_uploads()
+        self._remove_old_local_copies()
 
     def watch(self, changed: Callable[[str, int | None], None]) -> None:
         """Call `changed(id, version)` whenever `refresh` finds an id naming another version, or
@@ -390,6 +391,19 @@ class AdapterStore:
         """Remove a replaced or deleted version's objects (local copies of it stay while held)."""
         if folder is not None:
             self.objects.delete_prefix(f"{_VERSIONS}{adapter_id}/{folder}/")
+
+    def _remove_old_local_copies(self) -> None:
+        """At start: local copies of versions that are no longer current (an earlier run's) go."""
+        with self._lock:
+            current = {(i, p.adapter.folder) for i, p in self._pointers.items() if p.adapter is not None}
+        for id_dir in self.cache_dir.iterdir():
+            if not id_dir.is_dir() or not is_adapter_id(id_dir.name):
+                continue
+            for folder in id_dir.iterdir():
+                if (id_dir.name, folder.name) not in current:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if not any(id_dir.iterdir()):
+                id_dir.rmdir()
 
     def _remove_stale_uploads(self) -> None:
         """Remove version objects no pointer names that are too old to be an upload in progress."""

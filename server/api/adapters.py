@@ -49,7 +49,7 @@ def adapter_object(ctx: ServerContext, stored: StoredAdapter) -> dict:
     "/v1/adapters",
     status_code=201,
     dependencies=[Depends(require_admin_key)],
-    responses=error_responses(400, 401, 413),
+    responses=error_responses(400, 401, 409, 413),
 )
 async def upload_adapter(
     id: str = Form(...), files: list[UploadFile] = File(default=[]), ctx: ServerContext = Depends(get_context)
@@ -104,7 +104,9 @@ class UnloadLoRARequest(BaseModel):
 
 
 @router.post(
-    "/v1/load_lora_adapter", dependencies=[Depends(require_admin_key)], responses=error_responses(400, 401, 404, 413)
+    "/v1/load_lora_adapter",
+    dependencies=[Depends(require_admin_key)],
+    responses=error_responses(400, 401, 404, 409, 413),
 )
 def load_lora_adapter(body: LoadLoRARequest, ctx: ServerContext = Depends(get_context)):
     folder = Path(body.lora_path).expanduser()

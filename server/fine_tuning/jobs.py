@@ -379,6 +379,7 @@ class JobRunner:
             target = job_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             self.objects.download(info.key, target)
+            self.records.renew_lease(job_id, self.owner, self.lease_seconds)  # a large checkpoint takes a while
         return checkpoint is not None
 
     def _stored_checkpoint(self, job_id: str) -> int | None:
@@ -392,6 +393,7 @@ class JobRunner:
         try:
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 self.objects.upload(_job_key(job_id, f"checkpoint-{step}/{file.relative_to(path)}"), file)
+                self.records.renew_lease(job_id, self.owner, self.lease_seconds)  # a large one takes a while
         except FileNotFoundError:  # the trainer already replaced it with a newer one, which comes next
             return
         self.objects.write(_job_key(job_id, _CHECKPOINT), json.dumps({"step": step}).encode())

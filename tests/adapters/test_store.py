@@ -285,6 +285,16 @@ def test_opening_removes_what_interrupted_writes_left(replicas, objects, tmp_pat
     assert "crashed" not in str(keys(objects)) and tree(tmp_path / "replica-1") == []
 
 
+def test_a_restart_keeps_only_local_copies_of_current_versions(objects, tmp_path):
+    store = AdapterStore(objects, tmp_path / "local")
+    store.put("a", adapter_files(seed=1), validate)
+    held = store.hold("a")
+    current = store.put("a", adapter_files(seed=2), validate)
+    assert held.path.exists()  # held when the server stopped: never released
+    AdapterStore(objects, tmp_path / "local")
+    assert not held.path.exists() and read_files(current.path) == adapter_files(seed=2)
+
+
 def test_a_recent_unpublished_upload_is_left_alone(replicas, objects):
     """It may be another replica's upload in progress."""
     replicas()

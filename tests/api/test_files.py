@@ -35,7 +35,9 @@ def _files_dir(server) -> Path:
 
 
 def _stored(server) -> set[str]:
-    return {p.name for p in _files_dir(server).iterdir()}
+    """The file objects in the server's store (its data dir; the folder goes with its last file)."""
+    folder = _files_dir(server)
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
 
 def test_upload_list_read_back_and_delete(fine_tuning_server, client):
