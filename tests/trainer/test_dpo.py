@@ -146,8 +146,11 @@ def test_loss_rewards_and_updates_equal_trls(tiny_architecture, start_adapter, t
         assert ours_metrics[name] == pytest.approx(logged[1][name], rel=1e-3, abs=1e-5), name
     assert abs(ours_metrics["rewards/margins"]) > 1e-3  # the update did move them
     # And the adapter after both updates.
+    # Adam scales each element's step to about the learning rate whatever its gradient, so an
+    # element whose gradient is almost zero steps by rounding noise (seen: 3e-5 on one of 256,
+    # with one CPU thread instead of two); 1e-4 is 2% of one step, far below a wrong update.
     for name, weight in _lora_weights(ours).items():
-        torch.testing.assert_close(weight, _lora_weights(theirs)[name], rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(weight, _lora_weights(theirs)[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 def _write_pairs(path, openai_format: bool = True):
