@@ -316,6 +316,7 @@ def open_shared_state(args: argparse.Namespace) -> tuple[ObjectStore, Records]:
         migrate_folder_layout(objects.root)
     migrate_fusion_layout(objects)
     records = Records.open(args.database or f"sqlite:///{data_dir / DATABASE_FILE}")
+    log.info("shared state: objects in %s, records in %s", objects.url, records.database.safe_url)
     return objects, records
 
 

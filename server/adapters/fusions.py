@@ -177,21 +177,16 @@ class FusionStore:
         }
         with self._lock:
             known = {fusion_id: etag for fusion_id, (etag, _) in self._known.items()}
-        changed = [fusion_id for fusion_id in known.keys() - listed.keys()]
-        with self._lock:
-            for fusion_id in changed:
-                self._known.pop(fusion_id, None)
-        for fusion_id, etag in listed.items():
-            if known.get(fusion_id) != etag and is_adapter_id(fusion_id):
-                found = self._read(fusion_id)
-                with self._lock:
-                    if found is None:
-                        self._known.pop(fusion_id, None)
-                    else:
-                        self._known[fusion_id] = found
-                if fusion_id in known:
-                    changed.append(fusion_id)
-        for fusion_id in changed:
+        changed = known.keys() - listed.keys()  # deleted
+        changed |= {fusion_id for fusion_id in known.keys() & listed.keys() if known[fusion_id] != listed[fusion_id]}
+        for fusion_id in changed | (listed.keys() - known.keys()):
+            found = self._read(fusion_id) if is_adapter_id(fusion_id) else None
+            with self._lock:
+                if found is None:
+                    self._known.pop(fusion_id, None)
+                else:
+                    self._known[fusion_id] = found
+        for fusion_id in sorted(changed):
             for watcher in self._watchers:
                 watcher(fusion_id)
 

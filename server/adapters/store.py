@@ -128,7 +128,7 @@ class AdapterStore:
         self.cache_dir = Path(cache_dir)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._fetch_lock = threading.Lock()  # one download at a time: a second request for it waits, then finds it
+        self._fetching: dict[tuple[str, str], threading.Lock] = {}  # per version: a second request waits for the first
         self._pointers: dict[str, _Pointer] = {}
         self._holds: Counter[tuple[str, int]] = Counter()
         self._versions: dict[tuple[str, int], StoredAdapter] = {}  # every version seen, for `version_path`
@@ -348,7 +348,9 @@ class AdapterStore:
         """Bring the version's files to `stored.path`; False when the store no longer has them."""
         if stored.path.is_dir():
             return True
-        with self._fetch_lock:
+        with self._lock:
+            fetching = self._fetching.setdefault((stored.id, stored.folder), threading.Lock())
+        with fetching:
             if stored.path.is_dir():
                 return True
             staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=self.cache_dir))
@@ -360,6 +362,8 @@ class AdapterStore:
                 staging.rename(stored.path)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                with self._lock:
+                    self._fetching.pop((stored.id, stored.folder), None)
         return True
 
     def _read_pointer(self, adapter_id: str) -> _Pointer | None:

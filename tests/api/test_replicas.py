@@ -218,6 +218,7 @@ def test_a_job_runs_once_and_resumes_on_another_replica_when_its_own_dies(cluste
     _until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in trainers), 10, "the trainer to stop with it")
 
     client = survivor.client(api_key="replicas-admin", max_retries=0, timeout=120)
+    assert client.files.content(file_id).content == data  # uploaded through the other replica
     deadline = time.monotonic() + 600
     while (done := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline
