@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         prefix_caching=args.prefix_caching,
         cuda_graph_batch=args.cuda_graph_max_batch if args.cuda_graphs else 0,
     )
-    metrics = Metrics()
+    metrics = Metrics(args.served_model_name or spec.name)
     targets = base_lora_targets(model)  # before the engine wraps those layers
     try:
         store = AdapterStore(objects, Path(args.data_dir) / "cache" / "adapters", max_bytes=args.max_adapter_mb << 20)
@@ -335,8 +335,10 @@ def _share_cores(engine: Engine, device: torch.device, train_threads: int):
 def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:
     """uvicorn on a thread of its own, the engine on the main thread (see `Engine`).
 
-    If the engine fails, the HTTP side stops too and the process exits with status 1, so a
-    supervisor (systemd, Kubernetes) restarts it; `/health` answers 503 meanwhile.
+    SIGTERM drains before uvicorn stops listening, so a load balancer sees 503s, which it retries
+    elsewhere, rather than connections refused mid-request. If the engine fails, the HTTP side
+    stops too and the process exits with status 1, so a supervisor (systemd, Kubernetes)
+    restarts it; `/health` answers 503 meanwhile.
     """
     import uvicorn
 
@@ -352,8 +354,25 @@ def serve_http(app, engine: Engine, args: argparse.Namespace) -> int:
         finally:  # also when the port cannot be bound: the engine must not outlive the server
             engine.shutdown(drain_seconds=0)
 
+    draining = threading.Event()
+
+    def drain(sig, frame) -> None:
+        """The first SIGTERM or Ctrl-C drains: requests in flight finish (up to DRAIN_SECONDS) while new
+        ones and `/health` get 503, then the server stops; a second one stops it at once."""
+        if draining.is_set():
+            server.handle_exit(sig, frame)
+            return
+        draining.set()
+        log.info("draining: finishing the requests in flight (up to %.0f s); new ones get 503", DRAIN_SECONDS)
+
+        def finish() -> None:
+            engine.shutdown(drain_seconds=DRAIN_SECONDS)
+            server.should_exit = True
+
+        threading.Thread(target=finish, name="plait-drain", daemon=True).start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
+        signal.signal(sig, drain)
     http = threading.Thread(target=run_http, name="plait-http")
     http.start()
     try:

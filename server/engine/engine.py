@@ -562,13 +562,18 @@ class Engine:
         counter.labels(adapter_id).inc()
 
     def _update_gauges(self) -> None:
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_blocks_used.set(self.kv_cache.allocator.num_used)
+        self.metrics.set_load(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            self.kv_cache.allocator.num_used,
+            self.kv_cache.allocator.num_blocks,
+        )
         if self.adapter_slots is not None:
             self.metrics.adapters_resident.set(len(self.adapter_slots.resident()))
             self.metrics.set_requests_by_adapter(
-                [r.adapters for r in self.scheduler.running], [r.adapters for r in self.scheduler.waiting]
+                [r.adapters for r in self.scheduler.running],
+                [r.adapters for r in self.scheduler.waiting],
+                self.adapter_slots.num_slots,
             )
 
 
