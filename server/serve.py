@@ -170,8 +170,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+class StartError(Exception):
+    """Why a server cannot start, in one line."""
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        context = build(args)
+    except StartError as exc:
+        return _fail(str(exc))
+    from plait.server.api.app import create_app
+
+    log.info(
+        "serving %s on http://%s:%d (context %d tokens, KV pool %d tokens)",
+        context.model_name,
+        args.host,
+        args.port,
+        context.engine.max_model_len,
+        context.engine.kv_cache.capacity_tokens,
+    )
+    try:
+        return serve_http(create_app(context, DRAIN_SECONDS), context.engine, args)
+    finally:
+        context.fine_tuning.stop()  # no trainer outlives the server (a no-op when the app already stopped it)
+
+
+def build(args: argparse.Namespace):
+    """Everything a server runs, from its flags: the model loaded, the engine made (not yet running),
+    the stores and records opened, as one `ServerContext`. StartError says why it cannot be."""
     for name, value in (
         ("--max-gpu-adapters", args.max_gpu_adapters),
         ("--max-cpu-adapters", args.max_cpu_adapters),
@@ -187,22 +214,22 @@ def run(args: argparse.Namespace) -> int:
         ("--cuda-graph-max-batch", args.cuda_graph_max_batch),
     ):
         if value < 1:
-            return _fail(f"{name} must be at least 1")
+            raise StartError(f"{name} must be at least 1")
     for name, seconds in (
         ("--store-poll-seconds", args.store_poll_seconds),
         ("--job-lease-seconds", args.job_lease_seconds),
     ):
         if not seconds > 0:
-            return _fail(f"{name} must be more than 0")
+            raise StartError(f"{name} must be more than 0")
     try:
         objects, records = open_shared_state(args)
     except (ValueError, OSError, ObjectStoreUnavailable, DatabaseUnavailable, SchemaTooNew) as exc:
-        return _fail(str(exc).splitlines()[0])
+        raise StartError(str(exc).splitlines()[0]) from None
     try:
         device = torch.device(args.device) if args.device else default_device()
         spec = resolve_model(args.model)
         if args.cuda_graphs and device.type != "cuda":
-            return _fail(f"--cuda-graphs needs a CUDA device, and this server runs on {device}")
+            raise StartError(f"--cuda-graphs needs a CUDA device, and this server runs on {device}")
         if args.threads:
             torch.set_num_threads(args.threads)
         dtype = fastest_dtype(device) if args.dtype == "auto" else _DTYPES[args.dtype]
@@ -214,9 +241,8 @@ def run(args: argparse.Namespace) -> int:
             "CPU weights: %s", {"nf4": "NF4", "dequantized": "dequantized", "both": "NF4 and dequantized"}[weights]
         )
     except (ModelLoadError, RuntimeError) as exc:
-        return _fail(str(exc).splitlines()[0])
+        raise StartError(str(exc).splitlines()[0]) from None
 
-    from plait.server.api.app import create_app
     from plait.server.api.context import ServerContext
 
     config = EngineConfig(
@@ -235,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         store = AdapterStore(objects, Path(args.data_dir) / "cache" / "adapters", max_bytes=args.max_adapter_mb << 20)
         fusions = FusionStore(objects)
     except OSError as exc:
-        return _fail(f"cannot use --data-dir {args.data_dir}: {exc}")
+        raise StartError(f"cannot use --data-dir {args.data_dir}: {exc}") from None
 
     def read_version(adapter_id: str, version: int):
         return read_adapter(store.version_path(adapter_id, version), targets, args.max_lora_rank)
@@ -290,21 +316,9 @@ def run(args: argparse.Namespace) -> int:
             lease_seconds=args.job_lease_seconds,
         )
     except OSError as exc:
-        return _fail(f"cannot keep fine-tuning work in --data-dir {args.data_dir}: {exc}")
+        raise StartError(f"cannot keep fine-tuning work in --data-dir {args.data_dir}: {exc}") from None
     context.poll_seconds = args.store_poll_seconds
-
-    log.info(
-        "serving %s on http://%s:%d (context %d tokens, KV pool %d tokens)",
-        context.model_name,
-        args.host,
-        args.port,
-        engine.max_model_len,
-        engine.kv_cache.capacity_tokens,
-    )
-    try:
-        return serve_http(create_app(context, DRAIN_SECONDS), engine, args)
-    finally:
-        context.fine_tuning.stop()  # no trainer outlives the server (a no-op when the app already stopped it)
+    return context
 
 
 def open_shared_state(args: argparse.Namespace) -> tuple[ObjectStore, Records]:

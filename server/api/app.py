@@ -59,15 +59,11 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        context.start_polling()
-        if context.fine_tuning is not None:
-            context.fine_tuning.start()  # stops trainers a killed server left, runs queued jobs
+        context.start()
         yield
-        context.stop_polling()
-        if context.fine_tuning is not None:
-            await asyncio.to_thread(context.fine_tuning.stop)  # a running trainer is killed, not waited for
-        # Finish what is in flight before the process goes; new requests get 503 meanwhile.
-        await asyncio.to_thread(context.engine.shutdown, drain_seconds)
+        # A running trainer is killed, not waited for; what is in flight finishes before the
+        # process goes, and new requests get 503 meanwhile.
+        await asyncio.to_thread(context.stop, drain_seconds)
 
     app = FastAPI(title="Plait", version="0.1.0", lifespan=lifespan)
     app.state.context = context

@@ -70,7 +70,22 @@ class ServerContext:
         self.store.watch(self._forget)
         self.fusions.watch(self.routers.forget_fusion)
 
-    def start_polling(self) -> None:
+    def start(self) -> None:
+        """What runs beside the requests: catching up with the shared store, and (on a `--train`
+        replica) the fine-tuning queue, which first stops trainers a killed server left."""
+        self._start_polling()
+        if self.fine_tuning is not None:
+            self.fine_tuning.start()
+
+    def stop(self, drain_seconds: float) -> None:
+        """Stop those (a running trainer is killed and its job goes back to the queue), then let the
+        requests in flight finish, up to `drain_seconds`, and end the engine."""
+        self._stop_polling.set()
+        if self.fine_tuning is not None:
+            self.fine_tuning.stop()
+        self.engine.shutdown(drain_seconds)
+
+    def _start_polling(self) -> None:
         """Catch up with the shared store every `poll_seconds` on a thread of its own: adapters and
         fusions replaced or deleted through another replica free their slots and routers here too."""
 
@@ -84,9 +99,6 @@ class ServerContext:
 
         self._stop_polling.clear()
         threading.Thread(target=poll, name="plait-store-poll", daemon=True).start()
-
-    def stop_polling(self) -> None:
-        self._stop_polling.set()
 
     def stored_adapter(self, adapter_id: str) -> StoredAdapter:
         stored = self.store.get(adapter_id)
