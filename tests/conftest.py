@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -408,10 +409,36 @@ class S3Server:
         )
 
 
+def _atomic_conditional_writes() -> None:
+    """moto checks a write's condition (If-Match, If-None-Match) and then writes, in two steps, so
+    two racing conditional writes can both succeed (seen under load: 2 winners of 8 racers). S3
+    documents that exactly one does; one lock around moto's put and delete gives that."""
+    import functools
+
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    for name in ("put_object", "delete_object"):
+        original = getattr(S3Response, name)
+        if getattr(original, "atomic", False):
+            continue
+
+        @functools.wraps(original)
+        def atomic(self, *args, original=original, **kwargs):
+            with lock:
+                return original(self, *args, **kwargs)
+
+        atomic.atomic = True
+        setattr(S3Response, name, atomic)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    """moto's S3-compatible server on a loopback port, for the run."""
+    """moto's S3-compatible server on a loopback port, for the run, with S3's atomic conditional
+    writes (see `_atomic_conditional_writes`)."""
     from moto.server import ThreadedMotoServer
+
+    _atomic_conditional_writes()
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
