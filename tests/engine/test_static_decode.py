@@ -81,8 +81,10 @@ def test_static_decode_steps_give_the_dynamic_paths_tokens_and_logprobs(tiny_lla
     dynamic, none = serve_all(tiny_llama(seed=3), tokenizer, cuda_graph_batch=0)
     static, batches = serve_all(tiny_llama(seed=3), tokenizer, cuda_graph_batch=8)
     assert none == []
-    # Decode steps ran through the buffers, at sizes that needed padding as well as full ones.
-    assert batches and max(batches) == 8 and any(b not in capture_sizes(8) for b in batches)
+    # Decode steps ran through the buffers, at sizes that needed padding as well as full ones
+    # (which sizes depends on how many requests the engine had taken in when stepping began).
+    sizes = capture_sizes(8)
+    assert any(b in sizes for b in batches) and any(b not in sizes for b in batches), batches
     for d, s in zip(dynamic, static, strict=True):
         assert d.error is None and s.error is None
         assert s.token_ids == d.token_ids
