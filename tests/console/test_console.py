@@ -1,12 +1,16 @@
 """The web console, driven in a real browser (Debian's chromium through Playwright) against a real
 `plait serve`: keys, an adapter uploaded through the page, a compare-mode chat streamed side by side,
 a fine-tuning job trained to the end with its loss chart, the adapter deleted. Each test saves a
-screenshot under docs/console/. The browser must start: a test whose browser cannot fails."""
+screenshot in $PLAIT_SCREENSHOTS (by default `plait-console-shots` in the system's temporary
+folder); copy the ones worth keeping to docs/console/, where the README's
+come from. The browser must start: a test whose browser cannot fails."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -15,7 +19,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 API_KEY, ADMIN_KEY = "console-user", "console-admin"
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+SHOTS = Path(os.environ.get("PLAIT_SCREENSHOTS") or Path(tempfile.gettempdir()) / "plait-console-shots")
 ADAPTER = "console-adapter"
 
 
