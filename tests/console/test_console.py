@@ -2,8 +2,8 @@
 `plait serve`: keys, an adapter uploaded through the page, a compare-mode chat streamed side by side,
 a fine-tuning job trained to the end with its loss chart, the adapter deleted. Each test saves a
 screenshot in $PLAIT_SCREENSHOTS (by default `plait-console-shots` in the system's temporary
-folder); copy the ones worth keeping to docs/console/, where the README's
-come from. The browser must start: a test whose browser cannot fails."""
+folder); the README's two in docs/console/ are copies of those. The browser must start: a test
+whose browser cannot fails."""
 
 from __future__ import annotations
 
