@@ -173,7 +173,20 @@ class LiveServer:
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    data_dir: Path
     model: str = "SmolLM2-135M-Instruct"
+
+    def trainer_pids(self, job_id: str) -> list[int]:
+        """Processes working in the job's folder on this server: its trainer, if one runs."""
+        job_dir = self.data_dir / "jobs" / job_id
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == job_dir:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=kwargs.pop("api_key", "unused"), **kwargs)
@@ -201,6 +214,7 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -
     log_path = tmp_dir / f"server-{port}.log"
     if "--data-dir" not in args:
         args = ("--data-dir", str(tmp_dir / f"data-{port}"), *args)
+    data_dir = Path(args[args.index("--data-dir") + 1]).resolve()
     if "--dtype" not in args:  # what the PEFT references compute in, on any CPU (auto would measure)
         args = ("--dtype", "bfloat16", *args)
     cmd = [sys.executable, "-m", "plait.cli", "serve", "--port", str(port), "--threads", "2", *args]
@@ -213,7 +227,7 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
-    server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path, data_dir)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if proc.poll() is not None:

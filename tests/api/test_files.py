@@ -31,7 +31,7 @@ def client(fine_tuning_server) -> openai.OpenAI:
 
 
 def _files_dir(server) -> Path:
-    return server.log_path.parent / f"data-{server.base_url.rsplit(':', 1)[1]}" / "files"
+    return server.data_dir / "files"
 
 
 def _stored(server) -> set[str]:

@@ -12,12 +12,10 @@ scoring the server's answer.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -59,10 +57,6 @@ def _zebra_jsonl() -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-def _data_dir(server) -> Path:
-    return server.log_path.parent / f"data-{server.base_url.rsplit(':', 1)[1]}"
-
-
 @pytest.fixture(scope="module")
 def client(fine_tuning_server) -> openai.OpenAI:
     return fine_tuning_server.client(api_key=ADMIN_KEY, max_retries=0, timeout=300)
@@ -89,22 +83,10 @@ def _wait(client: openai.OpenAI, job_id: str, until=FINISHED, timeout: float = 6
         time.sleep(0.5)
 
 
-def _trainer_pids(job_dir: Path) -> list[int]:
-    """Processes working in a job's folder: its trainer, if one runs."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == job_dir:
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
-
-
-def _wait_for_trainer(client: openai.OpenAI, job_id: str, job_dir: Path) -> None:
+def _wait_for_trainer(client: openai.OpenAI, server, job_id: str) -> None:
     assert _wait(client, job_id, until=("running", *FINISHED), timeout=120).status == "running"
     deadline = time.monotonic() + 60
-    while not _trainer_pids(job_dir):
+    while not server.trainer_pids(job_id):
         assert time.monotonic() < deadline, "the job is running but no trainer process works in its folder"
         time.sleep(0.1)
 
@@ -149,7 +131,7 @@ def test_a_job_teaches_the_model_what_the_base_does_not_know(fine_tuning_server,
     assert PASSWORD not in _ask(client, BASE)
 
     # The trainer ran on exactly the folder the server loaded, with the settings asked for.
-    job_dir = _data_dir(fine_tuning_server) / "jobs" / job.id
+    job_dir = fine_tuning_server.data_dir / "jobs" / job.id
     report = json.loads((job_dir / "training_report.json").read_text())
     log_lines = fine_tuning_server.log_path.read_text().splitlines()
     loaded_from = next(line for line in log_lines if "plait.serve: loading" in line)
@@ -258,8 +240,8 @@ def test_a_failing_trainer_fails_the_job_with_its_reason(client):
 
 def test_cancel_kills_the_trainer_and_publishes_nothing(fine_tuning_server, client, zebra_file):
     running = client.fine_tuning.jobs.create(model=BASE, training_file=zebra_file, hyperparameters=LONG)
-    job_dir = _data_dir(fine_tuning_server) / "jobs" / running.id
-    _wait_for_trainer(client, running.id, job_dir)
+    job_dir = fine_tuning_server.data_dir / "jobs" / running.id
+    _wait_for_trainer(client, fine_tuning_server, running.id)
     queued = [client.fine_tuning.jobs.create(model=BASE, training_file=zebra_file, suffix=f"q{i}") for i in range(3)]
     assert [client.fine_tuning.jobs.retrieve(j.id).status for j in queued] == ["queued"] * 3
 
@@ -274,7 +256,7 @@ def test_cancel_kills_the_trainer_and_publishes_nothing(fine_tuning_server, clie
     cancelled = client.fine_tuning.jobs.cancel(running.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     deadline = time.monotonic() + 20
-    while _trainer_pids(job_dir):
+    while fine_tuning_server.trainer_pids(running.id):
         assert time.monotonic() < deadline, "the trainer outlived its cancelled job"
         time.sleep(0.2)
     assert client.fine_tuning.jobs.cancel(running.id).status == "cancelled"  # again: no change
@@ -325,17 +307,16 @@ def test_restart_runs_the_cut_off_job_again_and_then_the_queued_one(launch_serve
     waiting = client.fine_tuning.jobs.create(
         model=BASE, training_file=file_id, suffix="after", hyperparameters={"n_epochs": 1, "batch_size": 8}
     )
-    job_dir = tmp_path / "data" / "jobs" / cut_off.id
-    _wait_for_trainer(client, cut_off.id, job_dir)
+    _wait_for_trainer(client, first, cut_off.id)
     assert client.fine_tuning.jobs.retrieve(waiting.id).status == "queued"
 
     first.process.send_signal(signal.SIGINT)  # Ctrl-C: the server stops, and its trainer with it
     assert first.process.wait(timeout=60) == 0
-    assert not _trainer_pids(job_dir)
+    assert not first.trainer_pids(cut_off.id)
 
     second = launch_server(*flags)
     client = second.client(api_key="writer", max_retries=0)
-    _wait_for_trainer(client, cut_off.id, job_dir)  # handed back to the queue, and first in it
+    _wait_for_trainer(client, second, cut_off.id)  # handed back to the queue, and first in it
     messages = [e.message for e in client.fine_tuning.jobs.list_events(cut_off.id, limit=100).data]
     assert messages[0] == "Fine-tuning job restarted from the beginning (no checkpoint yet)"
     assert "training stopped; the job resumes from its last checkpoint" in messages[1]

@@ -10,7 +10,6 @@ checkpoint. Then everything restarts and it is all still there.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -181,21 +180,6 @@ def test_a_fusion_made_on_one_replica_is_served_by_the_other(cluster):
     assert _models(a) == _models(b) == sorted([BASE, "blend", "raced"])
 
 
-def _trainer_pids(job_dir: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == job_dir:
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
-
-
-def _data_dir(server) -> Path:
-    return server.log_path.parent / f"data-{server.base_url.rsplit(':', 1)[1]}"
-
-
 def test_a_job_runs_once_and_resumes_on_another_replica_when_its_own_dies(cluster):
     a, b = cluster.replicas
     client = a.client(api_key="replicas-admin", max_retries=0, timeout=120)
@@ -204,14 +188,14 @@ def test_a_job_runs_once_and_resumes_on_another_replica_when_its_own_dies(cluste
     job = client.fine_tuning.jobs.create(model=BASE, training_file=file_id, suffix="kept", hyperparameters=JOB)
 
     def running_on():
-        found = [r for r in (a, b) if _trainer_pids(_data_dir(r) / "jobs" / job.id)]
+        found = [r for r in (a, b) if r.trainer_pids(job.id)]
         return found[0] if len(found) == 1 else None
 
     runner = _until(running_on, 120, "a trainer on one replica")
     survivor = b if runner is a else a
     _until(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 300, "the first checkpoint")
-    assert not _trainer_pids(_data_dir(survivor) / "jobs" / job.id)  # it runs once, on one replica
-    trainers = _trainer_pids(_data_dir(runner) / "jobs" / job.id)
+    assert not survivor.trainer_pids(job.id)  # it runs once, on one replica
+    trainers = runner.trainer_pids(job.id)
 
     runner.process.send_signal(signal.SIGKILL)
     runner.process.wait(timeout=30)
