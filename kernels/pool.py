@@ -34,6 +34,10 @@ class LoRAPool:
     """Output width of each slice; y has sum(out_features) columns, slices side by side."""
     out_offsets: torch.Tensor
     """int32 [n_slices + 1], on the device: column where each slice starts in y (and in b)."""
+    versions: list[int]
+    """Per slot, counts its `load`s and `clear`s: what a backend derives from a slot's weights
+    (the PyTorch path's float32 copies) is valid while the count is unchanged. Weights change
+    only through `load`."""
 
     @classmethod
     def create(
@@ -61,6 +65,7 @@ class LoRAPool:
             scales=torch.zeros(n, num_slots, dtype=torch.float32, device=device),
             out_features=outs,
             out_offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
+            versions=[0] * num_slots,
         )
 
     @property
@@ -114,7 +119,9 @@ class LoRAPool:
                 self.b[slot, o0 : o0 + self.out_features[s], :r].copy_(b[s])
         self.ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
         self.scales[:, slot] = torch.tensor([float(x) for x in scales], dtype=torch.float32)
+        self.versions[slot] += 1
 
     def clear(self, slot: int) -> None:
         """Make `slot` contribute nothing (its weights stay, unread)."""
         self.ranks[:, slot] = 0
+        self.versions[slot] += 1

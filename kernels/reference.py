@@ -2,50 +2,100 @@
 
 Same contract as the Triton kernels (see `triton_ops`), computed in float32. Where the
 kernels tile, this path loops: for every (group, pair, slice) with a rank it multiplies the
-group's token rows by A[slot, slice, :r], then by B[slot, slice, :, :r], each read from the
-pool once and only up to the rank. On a CPU that is as fast as batching the work into a
-few large matmuls (measured: the batched version this replaced took as long per decode
-step and three times longer on prefills), because batching first gathers every adapter's
-weights into one tensor, and in a decode step those weights are most of the bytes moved.
+group's token rows by that slice's A, then by its B, each read only up to the rank.
+
+On a CPU a product of a few rows costs microseconds whatever its size, so what decides the
+cost is the number of ops per item. Each slot's weights are therefore kept once per load as
+float32, transposed, cut to each slice's rank (`_Slice`), and an item is two products on
+ready views. Batching the items into a few large matmuls was measured slower: it first
+gathers every adapter's weights into one tensor, and in a decode step those weights are
+most of the bytes moved.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
 
 import torch
 
 from .metadata import LoRABatch
 from .pool import LoRAPool
 
-_Item = tuple[int, int, int, int, int, int, float]
-"""(first row, end row, k, slot, slice, rank, weight * scale) of one (group, pair, slice) with a rank."""
+
+@dataclass(frozen=True)
+class _Slice:
+    """One slice of a slot with a rank, as the expand reads it."""
+
+    index: int
+    """The slice's position in the pool (q, k, v of a fused q/k/v pool: 0, 1, 2)."""
+    columns: slice
+    """The columns of y it writes."""
+    ranks: slice
+    """Its columns of the slot's shrink output (`_Slot.a_t`'s columns)."""
+    scale: float
+    b_t: torch.Tensor
+    """float32 [rank, out_features of the slice]: B[slot, slice, :, :rank] transposed."""
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One slot's weights as the products read them: float32, transposed, cut to each rank."""
+
+    a_t: torch.Tensor
+    """float32 [in_features, sum of the slices' ranks]: every slice's A, so one product shrinks x for all."""
+    slices: tuple[_Slice, ...]
+    """The slices with a rank; none for an empty or cleared slot."""
+
+
+# Per pool, per slot: (the slot's version when it was read, what was read). An entry lives as
+# long as its pool, at most one per slot: float32 copies of each slot's ranks, at most twice
+# the pool's own size.
+_slots: weakref.WeakKeyDictionary[LoRAPool, dict[int, tuple[int, _Slot]]] = weakref.WeakKeyDictionary()
+
+
+def _slot(pool: LoRAPool, slot: int) -> _Slot:
+    """`slot`'s weights as read at its last load."""
+    held = _slots.setdefault(pool, {})
+    version = pool.versions[slot]
+    entry = held.get(slot)
+    if entry is None or entry[0] != version:
+        ranks, scales = pool.ranks[:, slot].tolist(), pool.scales[:, slot].tolist()
+        offsets = pool.out_offsets.tolist()
+        used = [(s, r) for s, r in enumerate(ranks) if r]
+        starts = list(itertools.accumulate((r for _, r in used), initial=0))
+        a = [pool.a[slot, s * pool.max_rank : s * pool.max_rank + r] for s, r in used]
+        slices = tuple(
+            _Slice(
+                index=s,
+                columns=slice(offsets[s], offsets[s + 1]),
+                ranks=slice(starts[i], starts[i + 1]),
+                scale=scales[s],
+                b_t=pool.b[slot, offsets[s] : offsets[s + 1], :r].float().t(),
+            )
+            for i, (s, r) in enumerate(used)
+        )
+        a_t = torch.cat(a).float().t() if a else pool.a.new_empty(pool.in_features, 0, dtype=torch.float32)
+        entry = held[slot] = (version, _Slot(a_t, slices))
+    return entry[1]
+
+
+_Item = tuple[int, int, int, _Slot, float]
+"""(first row, end row, k, slot, pair weight) of one (group, pair) whose slot has a rank."""
 
 
 def _items(pool: LoRAPool, batch: LoRABatch) -> list[_Item]:
-    ranks = pool.ranks.tolist()
-    used = [(g, k, slot) for g, pairs in enumerate(batch.groups) for k, (slot, _) in enumerate(pairs)]
-    if not any(row[slot] for row in ranks for _, _, slot in used):
-        return []  # the common case for modules no resident adapter targets
     # Weights from the tensor, not the `groups` mirror: a batch copy may swap them.
-    scales, weights, bounds = pool.scales.tolist(), batch.group_weights.tolist(), batch.group_bounds
-    return [
-        (bounds[g], bounds[g + 1], k, slot, s, ranks[s][slot], weights[g][k] * scales[s][slot])
-        for g, k, slot in used
-        for s in range(pool.n_slices)
-        if ranks[s][slot]
-    ]
-
-
-def _a(pool: LoRAPool, slot: int, s: int, r: int) -> torch.Tensor:
-    """A[slot, slice s, :r] as float32 [r, in] (a view when the pool is float32)."""
-    lo = s * pool.max_rank
-    return pool.a[slot, lo : lo + r].float()
-
-
-def _b(pool: LoRAPool, slot: int, s: int, r: int) -> tuple[int, int, torch.Tensor]:
-    """The columns of y slice s writes, and B[slot, slice s, :, :r] as float32 [out_s, r]."""
-    lo = sum(pool.out_features[:s])
-    hi = lo + pool.out_features[s]
-    return lo, hi, pool.b[slot, lo:hi, :r].float()
+    weights, bounds = None, batch.group_bounds
+    items = []
+    for g, pairs in enumerate(batch.groups):
+        for k, (slot, _) in enumerate(pairs):
+            held = _slot(pool, slot)
+            if held.slices:  # modules no resident adapter targets end here
+                weights = weights or batch.group_weights.tolist()
+                items.append((bounds[g], bounds[g + 1], k, held, weights[g][k]))
+    return items
 
 
 def _active_x(x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
@@ -65,8 +115,10 @@ def shrink(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> torch.Tensor:
     items = _items(pool, batch)
     if items:
         xa = _active_x(x, batch)
-        for lo, hi, k, slot, s, r, coef in items:
-            v[lo:hi, k, s, :r] = torch.mm(xa[lo:hi], _a(pool, slot, s, r).t()).mul_(coef)
+        for lo, hi, k, held, weight in items:
+            h = torch.mm(xa[lo:hi], held.a_t)
+            for part in held.slices:
+                v[lo:hi, k, part.index, : part.ranks.stop - part.ranks.start] = h[:, part.ranks] * (weight * part.scale)
     return v
 
 
@@ -76,9 +128,10 @@ def expand(y: torch.Tensor, v: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -
     if not items:
         return
     delta = torch.zeros(batch.num_active, pool.total_out, device=y.device)
-    for lo, hi, k, slot, s, r, _ in items:
-        c0, c1, b = _b(pool, slot, s, r)
-        delta[lo:hi, c0:c1].addmm_(v[lo:hi, k, s, :r], b.t())  # only v below the rank is defined
+    for lo, hi, k, held, _ in items:
+        rows = delta[lo:hi]
+        for part in held.slices:  # v past the rank is undefined
+            rows[:, part.columns].addmm_(v[lo:hi, k, part.index, : part.ranks.stop - part.ranks.start], part.b_t)
     _add_rows(y, delta, batch)
 
 
@@ -89,7 +142,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, pool: LoRAPool, batch: LoRABatch)
         return
     xa = _active_x(x, batch)
     delta = torch.zeros(batch.num_active, pool.total_out, device=y.device)
-    for lo, hi, _, slot, s, r, coef in items:
-        c0, c1, b = _b(pool, slot, s, r)
-        delta[lo:hi, c0:c1].addmm_(torch.mm(xa[lo:hi], _a(pool, slot, s, r).t()), b.t(), alpha=coef)
+    for lo, hi, _, held, weight in items:
+        h, rows = torch.mm(xa[lo:hi], held.a_t), delta[lo:hi]
+        for part in held.slices:
+            rows[:, part.columns].addmm_(h[:, part.ranks], part.b_t, alpha=weight * part.scale)
     _add_rows(y, delta, batch)

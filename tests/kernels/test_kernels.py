@@ -434,6 +434,25 @@ def test_pool_load_is_all_or_nothing_and_stale_weights_are_never_read(gen):
         assert_close(y, y0, expected_delta(case, x, [2], [0]), torch.float32, gen, f"stale {backend}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pytorch_path_reads_a_slot_anew_after_each_load_or_clear(gen, dtype):
+    """The PyTorch path keeps float32 copies of the slots it has used; a load or a clear after
+    that use (another adapter, another rank, other scales) must be what the next call reads."""
+    case = make_case(gen, dtype, [(16, 8), (4, 4)], in_features=24, out_features=(20, 12), max_rank=16)
+    run_and_check(gen, case, [2, 3], [0, 1], "reference")
+    a = [torch.randn(r, 24, generator=gen).to(dtype) for r in (5, 3)]
+    b = [torch.randn(out, r, generator=gen).to(dtype) for out, r in ((20, 5), (12, 3))]
+    case.pool.load(0, a, b, [0.5, 2.0])
+    case.adapters[0] = [(a_s.double(), b_s.double()) for a_s, b_s in zip(a, b, strict=True)]
+    case.scales[0] = [0.5, 2.0]
+    run_and_check(gen, case, [2, 3], [0, 1], "reference")
+    case.pool.clear(1)
+    x, y0 = random_io(gen, case, 3, [])
+    y = y0.clone()
+    add_lora(y, x, case.pool, make_lora_batch([3], [1]), backend="reference")
+    assert torch.equal(y, y0)
+
+
 def random_batch(gen: torch.Generator, num_slots: int):
     """Segments mixing a prefill or two (some longer than a tile) with decode rows, bare and empty
     segments, and weighted multi-slot rows; sometimes a token order."""
