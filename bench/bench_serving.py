@@ -2,7 +2,7 @@
 side with transformers' own batched `generate` on the same model unquantized (bf16), with the
 same prompts.
 
-    python bench/bench_serving.py [--model PATH] [--max-tokens 64] [--concurrency 1 4 16]
+    [PYTHONPATH=bench/avx2_only] python bench/bench_serving.py [--model PATH] [--max-tokens 64] [--concurrency 1 4 16]
                                   [--cpu-weights nf4 auto]
 
 Plait is driven over HTTP with the official OpenAI client, as a user would; `generate` runs
@@ -12,6 +12,10 @@ weights dequantized; see plait.server.base_model) gets a server of its own, one 
 other; each round measures every concurrency on both sides in turn, and the medians over
 rounds are reported, so drifts in the machine's speed hit both alike. Every request produces
 exactly --max-tokens tokens (ignore_eos / min_new_tokens) so the counts compare.
+
+`generate` computes in the dtype `plait serve --dtype auto` picks (bfloat16 where the CPU has
+it natively, float32 where it only emulates it), so neither side runs in a dtype the machine
+is slow at. With bench/avx2_only on PYTHONPATH, both sides run as on an AVX2-only CPU.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+    isa = torch.backends.cpu.get_cpu_capability()  # AVX2 under bench/avx2_only
+    return f"{cpu}, {os.cpu_count()} cores ({isa} kernels), {gpu}, torch {torch.__version__}"
 
 
 def free_port() -> int:
@@ -78,7 +83,10 @@ def start_server(args, *extra: str) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir())
+    # The server runs elsewhere, so a relative PYTHONPATH (bench/avx2_only) is made absolute.
+    path = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)} if path else None
+    proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
@@ -152,12 +160,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     from transformers import AutoModelForCausalLM
 
-    from plait.server.base_model import default_device, load_tokenizer, resolve_model
+    from plait.server.base_model import default_device, fastest_dtype, load_tokenizer, resolve_model
 
     spec = resolve_model(args.model)
     tokenizer = load_tokenizer(spec)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.bfloat16, device_map={"": default_device()})
+    dtype = fastest_dtype(default_device())
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, device_map={"": default_device()})
     plait: dict[tuple[str, int], list[float]] = {(w, c): [] for w in args.cpu_weights for c in args.concurrency}
     hf: dict[int, list[float]] = {c: [] for c in args.concurrency}
     generate_throughput(model, tokenizer, 2, 8)  # warm-up
@@ -178,7 +187,7 @@ def main() -> None:
     med_hf = {c: statistics.median(v) for c, v in hf.items()}
     print(
         f"\nmodel: {spec.name}, {args.max_tokens} new tokens per request, greedy, median of {args.rounds} rounds; "
-        "plait serves it NF4, generate runs it unquantized in bf16\n"
+        f"plait serves it NF4, generate runs it unquantized in {str(dtype).removeprefix('torch.')}\n"
     )
     header = "".join(f"{'plait ' + w:>18}" for w in args.cpu_weights)
     print(f"{'concurrent':>10}{header}{'generate':>10}" + "".join(f"{w + '/generate':>18}" for w in args.cpu_weights))

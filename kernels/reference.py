@@ -6,10 +6,10 @@ group's token rows by that slice's A, then by its B, each read only up to the ra
 
 On a CPU a product of a few rows costs microseconds whatever its size, so what decides the
 cost is the number of ops per item. Each slot's weights are therefore kept once per load as
-float32, transposed, cut to each slice's rank (`_Slice`), and an item is two products on
-ready views. Batching the items into a few large matmuls was measured slower: it first
-gathers every adapter's weights into one tensor, and in a decode step those weights are
-most of the bytes moved.
+float32, transposed, cut to each slice's rank (`_Slot`), and an item is one shrink product
+for all of the slot's slices plus one expand product per slice, on ready tensors. Batching
+the items into a few large matmuls was measured slower: it first gathers every adapter's
+weights into one tensor, and in a decode step those weights are most of the bytes moved.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class _Slice:
     scale: float
     b_t: torch.Tensor
     """float32 [rank, out_features of the slice]: B[slot, slice, :, :rank] transposed."""
+
+    @property
+    def rank(self) -> int:
+        return self.b_t.shape[0]
 
 
 @dataclass(frozen=True)
@@ -86,16 +90,17 @@ _Item = tuple[int, int, int, _Slot, float]
 
 
 def _items(pool: LoRAPool, batch: LoRABatch) -> list[_Item]:
+    used = [
+        (g, k, held)
+        for g, pairs in enumerate(batch.groups)
+        for k, (slot, _) in enumerate(pairs)
+        if (held := _slot(pool, slot)).slices
+    ]
+    if not used:
+        return []  # the common case for modules no resident adapter targets
     # Weights from the tensor, not the `groups` mirror: a batch copy may swap them.
-    weights, bounds = None, batch.group_bounds
-    items = []
-    for g, pairs in enumerate(batch.groups):
-        for k, (slot, _) in enumerate(pairs):
-            held = _slot(pool, slot)
-            if held.slices:  # modules no resident adapter targets end here
-                weights = weights or batch.group_weights.tolist()
-                items.append((bounds[g], bounds[g + 1], k, held, weights[g][k]))
-    return items
+    weights, bounds = batch.group_weights.tolist(), batch.group_bounds
+    return [(bounds[g], bounds[g + 1], k, held, weights[g][k]) for g, k, held in used]
 
 
 def _active_x(x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
@@ -118,7 +123,7 @@ def shrink(x: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -> torch.Tensor:
         for lo, hi, k, held, weight in items:
             h = torch.mm(xa[lo:hi], held.a_t)
             for part in held.slices:
-                v[lo:hi, k, part.index, : part.ranks.stop - part.ranks.start] = h[:, part.ranks] * (weight * part.scale)
+                v[lo:hi, k, part.index, : part.rank] = h[:, part.ranks] * (weight * part.scale)
     return v
 
 
@@ -131,7 +136,7 @@ def expand(y: torch.Tensor, v: torch.Tensor, pool: LoRAPool, batch: LoRABatch) -
     for lo, hi, k, held, _ in items:
         rows = delta[lo:hi]
         for part in held.slices:  # v past the rank is undefined
-            rows[:, part.columns].addmm_(v[lo:hi, k, part.index, : part.ranks.stop - part.ranks.start], part.b_t)
+            rows[:, part.columns].addmm_(v[lo:hi, k, part.index, : part.rank], part.b_t)
     _add_rows(y, delta, batch)
 
 

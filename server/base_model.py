@@ -169,12 +169,14 @@ def fastest_dtype(device: torch.device) -> torch.dtype:
     On CUDA, bfloat16 where the GPU has it. On a CPU it is measured, not assumed from the dtype's
     support: a CPU without AVX512-BF16 or AMX only emulates bfloat16 (seen: a fine-tuning job 9x
     slower than in float32), one with them runs it faster. The measurement (matmuls of a small
-    model's shapes) takes about a second and is remembered in the cache directory per CPU, torch
-    version and thread count.
+    model's shapes) takes about a second and is remembered in the cache directory per CPU, the
+    instruction set torch's kernels use, torch version and thread count.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    key = f"{_cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    # The kernels torch picks (ATEN_CPU_CAPABILITY may cap them) decide as much as the CPU.
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = f"{_cpu_name()}|{capability}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     remembered = cache_dir() / "fastest_dtype.json"
     try:
         known = json.loads(remembered.read_text())
