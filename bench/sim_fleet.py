@@ -72,13 +72,14 @@ Where the costs come from (all on this project's 2-core Xeon CPU, SmolLM2-135M N
 - base(b): bench/results/serving/results.txt, `plait auto` column: 16.3, 52.7 and 144.3 tokens/s
   at 1, 4 and 16 concurrent requests of 64 tokens -> 61, 76 and 111 ms per step; linear between,
   and past 16 along the 4-to-16 slope (not measured).
-- lora_fixed = 0.071 and lora_per_adapter = 0.119 (fractions of base(16)):
-  bench/results/adapters/bench_adapters.txt, Plait / no adapter = 0.84, 0.56, 0.42 at 16 in
+- lora_fixed = 0.267 and lora_per_adapter = 0.054 (fractions of base(16)):
+  bench/results/adapters/bench_adapters.txt, Plait / no adapter = 0.78, 0.60, 0.55 at 16 in
   flight with N = 1, 8, 64, which the README's "Many adapters" section says name 1, 6 and 11
-  distinct adapters per batch on average: 1/0.84 = 1.19, 1/0.56 = 1.79, 1/0.42 = 2.38 is
-  1.071 + 0.119 d at d = 1, 6, 11 (a straight line through all three). bench_lora_cpu.py's
-  in-process decode step (kernels/README.md: 0.80 / 0.77 / 0.61 / 0.52 at d = 1, 2, 4, 8, i.e.
-  1.25 / 1.30 / 1.64 / 1.92) is within 0.1 of the line (1.19 / 1.31 / 1.55 / 2.02).
+  distinct adapters per batch on average: 1/0.78 = 1.28, 1/0.60 = 1.67, 1/0.55 = 1.82, and the
+  least-squares line 1.267 + 0.054 d gives 1.32 / 1.59 / 1.86 at d = 1, 6, 11.
+  bench_lora_cpu.py's in-process decode step (kernels/README.md: 0.80 / 0.80 / 0.72 / 0.67 at
+  d = 1, 2, 4, 8, i.e. 1.25 / 1.25 / 1.39 / 1.49) lies below the line (1.32 / 1.37 / 1.48 /
+  1.70): the served figures include prefills and slot loads, so the line errs towards cost.
 - load_local_s = 0.160, load_store_s = 0.223: bench/results/replicas/results.txt, a one-token
   first answer naming an adapter the replica must read, p50 221 ms from its local copy and
   284 ms from the object store (moto S3 on loopback), less one batch-1 step (61 ms, above).
@@ -133,8 +134,8 @@ class Costs:
 
     base_step: tuple[tuple[int, float], ...] = ((1, 1 / 16.3), (4, 4 / 52.7), (16, 16 / 144.3))
     lora_ref_batch: int = 16
-    lora_fixed: float = 0.071
-    lora_per_adapter: float = 0.119
+    lora_fixed: float = 0.267
+    lora_per_adapter: float = 0.054
     load_local_s: float = 0.221 - 1 / 16.3
     load_store_s: float = 0.284 - 1 / 16.3
     slot_copy_s: float = 0.0
@@ -890,8 +891,8 @@ def cost_lines(costs: Costs) -> list[str]:
         "last slope): bench/results/serving/results.txt, `plait auto` column (64-token requests, 1/4/16 concurrent)",
         f"adapters in a step: base({costs.lora_ref_batch}) x ({costs.lora_fixed:.3f} + {costs.lora_per_adapter:.3f} "
         f"x distinct adapters), {costs.lora_s(1) * 1000:.0f} ms for 1, {costs.lora_s(8) * 1000:.0f} ms for 8: "
-        "bench/results/adapters/bench_adapters.txt (Plait / no adapter 0.84, 0.56, 0.42 with 1, 6 and 11 distinct "
-        "adapters per batch of 16, README 'Many adapters')",
+        "bench/results/adapters/bench_adapters.txt (Plait / no adapter 0.78, 0.60, 0.55 with 1, 6 and 11 distinct "
+        "adapters per batch of 16, README 'Many adapters'; least-squares line)",
         f"adapter read from the replica's local copy {costs.load_local_s * 1000:.0f} ms, from the object store "
         f"{costs.load_store_s * 1000:.0f} ms: bench/results/replicas/results.txt (first answer p50 221 and 284 ms, "
         "less one batch-1 step)",
@@ -1260,7 +1261,7 @@ a rung between seeds, so read differences of one rung as ties:
 {table_summary}
 
 **What a simulation cannot say.** It replays Plait's scheduler and slot cache with costs
-measured on a 2-core CPU with a 135M model. The per-adapter step cost is a straight line through
+measured on a 2-core CPU with a 135M model. The per-adapter step cost is a line fitted to
 three measurements with at most 11 adapters of 6.9 MB, extrapolated to more slots; base steps
 past 16 sequences are extrapolated; every request has the same prompt and output length;
 prefill chunking, KV preemption, prefix caching, network delay and failures are left out; the
