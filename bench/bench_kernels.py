@@ -1,7 +1,10 @@
 """Benchmark of the multi-adapter LoRA kernels (plait.kernels) on a CUDA GPU.
 
-    python bench/bench_kernels.py            # on a machine with a CUDA GPU
+    python bench/bench_kernels.py [--dtype bfloat16] [--json results.json]   # on a machine with a CUDA GPU
     python bench/bench_kernels.py --smoke    # CPU, Triton interpreter, tiny shapes: checks the script only
+
+Shapes are Llama-3-8B's (hidden 4096, 8 KV heads of 128, intermediate 14336): o_proj, the
+fused q/k/v, the fused gate/up and down_proj.
 
 For every shape it first checks the Triton result (and the padded variant's) against the
 PyTorch reference, then times, side by side in this one run:
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import platform
 import random
@@ -29,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,7 +57,12 @@ class Shape:
     adapters: int  # distinct adapters in the batch
 
 
-GPU_MODULES = (Module("o_proj", 4096, (4096,)), Module("qkv_proj", 4096, (4096, 1024, 1024)))
+GPU_MODULES = (
+    Module("o_proj", 4096, (4096,)),
+    Module("qkv_proj", 4096, (4096, 1024, 1024)),
+    Module("gate_up", 4096, (14336, 14336)),
+    Module("down_proj", 14336, (4096,)),
+)
 GPU_SHAPES = (
     *(
         Shape("decode", t, a)
@@ -60,7 +70,12 @@ GPU_SHAPES = (
     ),
     *(Shape("prefill", t, a) for t, a in ((1024, 1), (1024, 16), (4096, 64), (8192, 1), (8192, 1000))),
 )
-SMOKE_MODULES = (Module("o_proj", 64, (48,)), Module("qkv_proj", 64, (48, 16, 16)))
+SMOKE_MODULES = (
+    Module("o_proj", 64, (48,)),
+    Module("qkv_proj", 64, (48, 16, 16)),
+    Module("gate_up", 64, (80, 80)),
+    Module("down_proj", 80, (64,)),
+)
 SMOKE_SHAPES = (Shape("decode", 1, 1), Shape("decode", 6, 3), Shape("prefill", 40, 4))
 
 
@@ -163,12 +178,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the device, the bandwidth and every row here")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
     if args.smoke:
         os.environ["PLAIT_TRITON_INTERPRET"] = "1"
         device, modules, shapes = "cpu", SMOKE_MODULES, SMOKE_SHAPES
+        machine = {"device": "cpu (Triton interpreter; timings are meaningless)"}
         print("smoke run on the CPU through the Triton interpreter: timings are meaningless")
     elif not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU (none found); `--smoke` checks the script itself on the CPU")
@@ -177,7 +194,15 @@ def main() -> None:
         import triton
 
         props = torch.cuda.get_device_properties(0)
-        print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
+        machine = {
+            "device": props.name,
+            "memory_gib": round(props.total_memory / 2**30),
+            "sms": props.multi_processor_count,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+        }
+        print(f"device: {props.name}, {machine['memory_gib']} GiB, {props.multi_processor_count} SMs")
         print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
     print(f"host: {platform.node()} ({platform.machine()}), dtype {args.dtype}, ranks mixed from {RANKS}")
 
@@ -192,6 +217,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     results = []  # (module, shape, loop / triton, % of floor)
+    rows = []  # the same and more, for --json
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     for module in modules:
@@ -223,6 +249,18 @@ def main() -> None:
             t_loop = measure(make_loop(y, x, pool, batch))
             moved = floor_bytes(x, pool, batch)
             results.append((module.name, shape, t_loop / t_triton, 100 * moved / bandwidth / t_triton))
+            rows.append(
+                {
+                    "module": module.name,
+                    **dataclasses.asdict(shape),
+                    "meta_ms": meta_ms,
+                    "triton_us": t_triton * 1e6,
+                    "loop_us": t_loop * 1e6,
+                    "padded_us": t_padded * 1e6,
+                    "floor_bytes": moved,
+                    "percent_of_floor": 100 * moved / bandwidth / t_triton,
+                }
+            )
             print(
                 f"{module.name:<9} {shape.phase:<8} {shape.tokens:>6} {shape.adapters:>8} {meta_ms:>8.2f} "
                 f"{t_triton * 1e6:>10.1f} {t_loop * 1e6:>10.1f} {t_padded * 1e6:>10.1f} "
@@ -239,6 +277,9 @@ def main() -> None:
         f"decode shapes: median {decode[len(decode) // 2]:.0f}% of the floor (goal 80%); "
         f"slowest against the loop: {worst[2]:.2f}x at {worst[0]} {worst[1]} (goal >= 1)"
     )
+    if args.json:
+        summary = {"dtype": args.dtype, "copy_bandwidth_gbps": bandwidth / 1e9, **machine, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

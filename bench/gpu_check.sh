@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Plait's GPU checks in one command, for a machine with a CUDA GPU:
+#
+#     bash bench/gpu_check.sh OUT_DIR           # on the GPU
+#     bash bench/gpu_check.sh OUT_DIR --smoke   # anywhere: tiny shapes on the CPU, checks the script only
+#
+# Needs Python with torch and triton. Whatever else is missing (bitsandbytes, ...) can come as
+# wheels in .whl/ (../shared/gpu/fetch-wheels.sh downloads them), installed here into
+# /tmp/site; Plait itself is imported from this checkout, not installed. Writes into OUT_DIR:
+#   env.json        the GPU, its driver, and the versions of torch, triton, transformers, bitsandbytes
+#   kernels.json    bench/bench_kernels.py: the LoRA kernels at Llama-3-8B's shapes, checked
+#                   against the PyTorch path, then timed against a per-adapter loop, against
+#                   padding to the largest rank, and against the bytes-moved floor
+#   attention.json  bench/bench_attention.py: paged decode attention, checked and timed the same way
+#   *.log           what each step printed
+# Each step runs even when an earlier one failed; the exit status says whether all passed.
+# Not covered yet: the engine and `plait train` on an 8B-shaped NF4 model (issue 16, items 2-3).
+set -uo pipefail
+
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--smoke]}
+smoke=${2:-}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# `plait.kernels` and friends are folders of this checkout (pyproject's package-dir): link
+# them under a `plait` folder, unless Plait is installed already.
+if ! "$python" -c "import plait.kernels" 2>/dev/null; then
+    mkdir -p /tmp/plait-src/plait
+    for part in cli kernels server trainer; do ln -sfn "$PWD/$part" "/tmp/plait-src/plait/$part"; done
+    export PYTHONPATH=/tmp/plait-src${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+
+failed=0
+step() {  # step NAME COMMAND...: run it, its output into NAME.log and onto the screen
+    local name=$1
+    shift
+    echo "== $name: $*"
+    if ! "$@" 2>&1 | tee "$out/$name.log"; then
+        echo "== $name FAILED"
+        failed=1
+    fi
+}
+
+step env "$python" - "$out/env.json" <<'EOF'
+import importlib.metadata, json, subprocess, sys
+
+import torch
+
+env = {"python": sys.version.split()[0], "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+for package in ("torch", "triton", "transformers", "bitsandbytes", "peft"):
+    try:
+        env[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        env[package] = None
+try:
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    env["gpus"] = subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+except (OSError, subprocess.CalledProcessError):
+    env["gpus"] = []
+print(json.dumps(env, indent=1))
+open(sys.argv[1], "w").write(json.dumps(env, indent=1))
+EOF
+
+step kernels "$python" bench/bench_kernels.py $smoke --json "$out/kernels.json"
+step attention "$python" bench/bench_attention.py $smoke --json "$out/attention.json"
+
+echo "results in $out"
+exit $failed
