@@ -12,9 +12,13 @@
 #                   against the PyTorch path, then timed against a per-adapter loop, against
 #                   padding to the largest rank, and against the bytes-moved floor
 #   attention.json  bench/bench_attention.py: paged decode attention, checked and timed the same way
-#   *.log           what each step printed
+#   engine.json     bench/bench_adapters.py: `plait serve` on a Llama-3-8B-shaped model with random
+#                   weights (bench/random_model.py, quantized NF4 by the server's own loader),
+#                   64 adapters of ranks 8-64 on every linear layer, 64 requests in flight each
+#                   on a different adapter, 128 tokens each: tokens/s against no adapter
+#   steps.log       what each step printed
 # Each step runs even when an earlier one failed; the exit status says whether all passed.
-# Not covered yet: the engine and `plait train` on an 8B-shaped NF4 model (issue 16, items 2-3).
+# Not covered yet: `plait train` on the 8B-shaped model next to PEFT + Trainer.
 set -uo pipefail
 
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--smoke]}
@@ -36,14 +40,19 @@ if ! "$python" -c "import plait.kernels" 2>/dev/null; then
     export PYTHONPATH=/tmp/plait-src${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+if [ -z "$smoke" ] && ! "$python" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check.sh needs a CUDA GPU (none found); --smoke checks the script itself on the CPU" >&2
+    exit 2
+fi
+rm -f "$out/steps.log"
 
 failed=0
-step() {  # step NAME COMMAND...: run it, its output into NAME.log and onto the screen
+step() {  # step NAME COMMAND...: run it, its output onto the screen and into steps.log
     local name=$1
     shift
-    echo "== $name: $*"
-    if ! "$@" 2>&1 | tee "$out/$name.log"; then
-        echo "== $name FAILED"
+    echo "== $name: $*" | tee -a "$out/steps.log"
+    if ! "$@" 2>&1 | tee -a "$out/steps.log"; then
+        echo "== $name FAILED" | tee -a "$out/steps.log"
         failed=1
     fi
 }
@@ -70,6 +79,17 @@ EOF
 
 step kernels "$python" bench/bench_kernels.py $smoke --json "$out/kernels.json"
 step attention "$python" bench/bench_attention.py $smoke --json "$out/attention.json"
+
+model=$(mktemp -d "${TMPDIR:-/tmp}/plait-gpu-check.XXXXXX")  # 16 GB at 8B: removed at the end
+trap 'rm -rf "$model"' EXIT
+if [ -n "$smoke" ]; then
+    shape=tiny engine=(--adapters 4 --requests 8 --concurrency 4 --max-tokens 8)
+else
+    shape=llama-3-8b engine=(--adapters 64 --requests 128 --concurrency 64 --max-tokens 128 --gpu-slots 64)
+fi
+step model "$python" bench/random_model.py "$model" --shape "$shape"
+step engine "$python" bench/bench_adapters.py --model "$model" --all-linear --mix distinct --no-naive \
+    "${engine[@]}" --json "$out/engine.json"
 
 echo "results in $out"
 exit $failed
