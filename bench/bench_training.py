@@ -2,7 +2,7 @@
 transformers `Trainer` script on the same data, base model and settings; and of `plait train
 --method dpo` side by side with TRL's `DPOTrainer`.
 
-    python bench/bench_training.py [--model PATH] [--steps 10] [--batch-size 4] [--rounds 1] [--no-dpo]
+    python bench/bench_training.py [--model PATH] [--steps 10] [--batch-size 4] [--rounds 1] [--no-dpo] [--json PATH]
 
 Both sides load the base through Plait's own NF4 loader and train the same LoRA (rank 16,
 alpha 32, dropout 0.05, all linear layers) with gradient checkpointing, on the same token
@@ -344,6 +344,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-dpo", action="store_true", help="leave out the DPO rows")
+    p.add_argument("--json", type=Path, help="also write the settings and every run's figures here")
     p.add_argument("--trainer-worker", metavar="RESULT", help=argparse.SUPPRESS)
     p.add_argument("--dpo-worker", metavar="RESULT", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -372,6 +373,13 @@ def main() -> None:
                 plait_dpo.append(run_plait(args, pairs, workdir, f"plait-dpo-{r}", dpo=True))
                 trl_dpo.append(run_trainer(args, pairs, workdir, f"trl-dpo-{r}", dpo=True))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    if args.json:
+        settings = {
+            k: v for k, v in vars(args).items() if k in ("model", "steps", "batch_size", "max_seq_len", "examples")
+        }
+        runs = {"plait": plait, "trainer": hf, "plait_dpo": plait_dpo, "trl_dpo": trl_dpo}
+        args.json.write_text(json.dumps({"machine": machine(), **settings, **runs}, indent=1))
 
     def median(rows: list[dict], key: str) -> float:
         return statistics.median(row[key] for row in rows)

@@ -16,9 +16,12 @@
 #                   weights (bench/random_model.py, quantized NF4 by the server's own loader),
 #                   64 adapters of ranks 8-64 on every linear layer, 64 requests in flight each
 #                   on a different adapter, 128 tokens each: tokens/s against no adapter
+#   training.json   bench/bench_training.py: a few steps of `plait train` on the same model (QLoRA
+#                   r16 on every linear layer, gradient checkpointing, paged 8-bit AdamW) next to
+#                   PEFT + transformers' Trainer: tokens/s and peak GPU memory
 #   steps.log       what each step printed
 # Each step runs even when an earlier one failed; the exit status says whether all passed.
-# Not covered yet: `plait train` on the 8B-shaped model next to PEFT + Trainer.
+# ONLY=kernels,attention (say) runs only the steps named (model is needed by engine and training).
 set -uo pipefail
 
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--smoke]}
@@ -50,6 +53,9 @@ failed=0
 step() {  # step NAME COMMAND...: run it, its output onto the screen and into steps.log
     local name=$1
     shift
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        return
+    fi
     echo "== $name: $*" | tee -a "$out/steps.log"
     if ! "$@" 2>&1 | tee -a "$out/steps.log"; then
         echo "== $name FAILED" | tee -a "$out/steps.log"
@@ -84,12 +90,15 @@ model=$(mktemp -d "${TMPDIR:-/tmp}/plait-gpu-check.XXXXXX")  # 16 GB at 8B: remo
 trap 'rm -rf "$model"' EXIT
 if [ -n "$smoke" ]; then
     shape=tiny engine=(--adapters 4 --requests 8 --concurrency 4 --max-tokens 8)
+    training=(--steps 2 --batch-size 2 --examples 8 --max-seq-len 512)
 else
     shape=llama-3-8b engine=(--adapters 64 --requests 128 --concurrency 64 --max-tokens 128 --gpu-slots 64)
+    training=(--steps 4 --batch-size 4 --examples 32 --max-seq-len 512)  # byte-level tokens
 fi
 step model "$python" bench/random_model.py "$model" --shape "$shape"
 step engine "$python" bench/bench_adapters.py --model "$model" --all-linear --mix distinct --no-naive \
     "${engine[@]}" --json "$out/engine.json"
+step training "$python" bench/bench_training.py --model "$model" --no-dpo "${training[@]}" --json "$out/training.json"
 
 echo "results in $out"
 exit $failed

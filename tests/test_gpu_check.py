@@ -33,6 +33,7 @@ def test_gpu_check_smoke_run_writes_every_result(tmp_path):
         "kernels.json",
         "attention.json",
         "engine.json",
+        "training.json",
         "steps.log",
     }
     assert "FAILED" not in (tmp_path / "steps.log").read_text()
@@ -48,6 +49,10 @@ def test_gpu_check_smoke_run_writes_every_result(tmp_path):
     assert engine["all_linear"] and engine["mix"] == "distinct" and len(engine["modules"]) == 7
     (row,) = engine["rows"]
     assert row["adapters"] == 4 and row["plait_tokens_per_s"] > 0 and row["no_adapter_tokens_per_s"] > 0
+    training = json.loads((tmp_path / "training.json").read_text())
+    for side in ("plait", "trainer"):
+        (result,) = training[side]
+        assert result["tokens_per_second"] > 0 and result["peak_memory_bytes"] > 0
 
 
 def test_gpu_check_without_a_gpu_refuses_at_once(tmp_path):
