@@ -4,9 +4,12 @@
 #     bash bench/gpu_check.sh OUT_DIR           # on the GPU
 #     bash bench/gpu_check.sh OUT_DIR --smoke   # anywhere: tiny shapes on the CPU, checks the script only
 #
-# Needs Python with torch and triton. Whatever else is missing (bitsandbytes, ...) can come as
-# wheels in .whl/ (../shared/gpu/fetch-wheels.sh downloads them), installed here into
-# /tmp/site; Plait itself is imported from this checkout, not installed. Writes into OUT_DIR:
+# Needs Python with torch and triton. Whatever else is missing can come as wheels in .whl/,
+# installed here into /tmp/site; Plait itself is imported from this checkout, not installed.
+# For the project's H200 image (torch, triton, transformers, peft, httpx, matplotlib there),
+# `../shared/gpu/fetch-wheels.sh xgrammar apache-tvm-ffi` fetches the rest (49 MB: bitsandbytes,
+# FastAPI, uvicorn, pydantic, xgrammar, ...); carry `.whl`. About 10 minutes of GPU time in all,
+# most of it building and loading the 8B-shaped model. Writes into OUT_DIR:
 #   env.json        the GPU, its driver, and the versions of torch, triton, transformers, bitsandbytes
 #   kernels.json    bench/bench_kernels.py: the LoRA kernels at Llama-3-8B's shapes, checked
 #                   against the PyTorch path, then timed against a per-adapter loop, against
