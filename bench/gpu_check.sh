@@ -8,8 +8,8 @@
 # installed here into /tmp/site; Plait itself is imported from this checkout, not installed.
 # For the project's H200 image (torch, triton, transformers, peft, httpx, matplotlib there),
 # `../shared/gpu/fetch-wheels.sh xgrammar apache-tvm-ffi` fetches the rest (49 MB: bitsandbytes,
-# FastAPI, uvicorn, pydantic, xgrammar, ...); carry `.whl`. About 10 minutes of GPU time in all,
-# most of it building and loading the 8B-shaped model. Writes into OUT_DIR:
+# FastAPI, uvicorn, pydantic, xgrammar, ...); carry `.whl`. Not yet timed on a GPU; expect
+# most of the time in building and loading the 8B-shaped model. Writes into OUT_DIR:
 #   env.json        the GPU, its driver, and the versions of torch, triton, transformers, bitsandbytes
 #   kernels.json    bench/bench_kernels.py: the LoRA kernels at Llama-3-8B's shapes, checked
 #                   against the PyTorch path, then timed against a per-adapter loop, against
@@ -24,7 +24,8 @@
 #                   PEFT + transformers' Trainer: tokens/s and peak GPU memory
 #   steps.log       what each step printed
 # Each step runs even when an earlier one failed; the exit status says whether all passed.
-# ONLY=kernels,attention (say) runs only the steps named (model is needed by engine and training).
+# ONLY=kernels,attention (say) runs only the steps named (model is needed by engine and training),
+# to split the checks over several calls where one call has a time limit.
 set -uo pipefail
 
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--smoke]}
