@@ -14,17 +14,18 @@ start.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import os
 import random
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from bench_kernels import copy_bandwidth, timer  # this folder is on sys.path when run as a script
+from bench_kernels import (  # this folder is on sys.path when run as a script
+    bench_device,
+    parse_args,
+    timing,
+    write_results,
+)
 
 from plait.kernels import make_block_tables, paged_decode_attention
 
@@ -63,30 +64,13 @@ def ragged_batch(shape: Shape, rng: random.Random, device: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the device, the bandwidth and every row here")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     dtype = getattr(torch, args.dtype)
+    device, machine = bench_device(args.smoke, "bench_attention.py")
+    heads, shapes = (SMOKE_HEADS, SMOKE_SHAPES) if args.smoke else (GPU_HEADS, GPU_SHAPES)
+    print(f"{args.dtype}, heads {heads.query}/{heads.kv} x {heads.dim}, blocks of {BLOCK}")
 
-    if args.smoke:
-        os.environ["PLAIT_TRITON_INTERPRET"] = "1"
-        device, heads, shapes = "cpu", SMOKE_HEADS, SMOKE_SHAPES
-        machine = {"device": "cpu (Triton interpreter; timings are meaningless)"}
-    elif not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA GPU (none found); `--smoke` checks the script itself on the CPU")
-    else:
-        import triton
-
-        device, heads, shapes = "cuda", GPU_HEADS, GPU_SHAPES
-        machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    print(f"{machine}, {args.dtype}, heads {heads.query}/{heads.kv} x {heads.dim}, blocks of {BLOCK}")
-
-    measure = timer(device)
-    bandwidth = copy_bandwidth(device, measure)
-    print(f"copy bandwidth (device to device, read + write): {bandwidth / 1e9:.0f} GB/s\n")
+    measure, bandwidth = timing(device)
     header = f"{'sequences':>9} {'context':>8} {'triton us':>10} {'pytorch us':>11} {'vs pytorch':>11} {'% floor':>8}"
     print(header)
     print("-" * len(header))
@@ -117,9 +101,7 @@ def main() -> None:
             f"{t_torch / t_triton:>10.2f}x {floor:>7.0f}%"
         )
     print("\nvs pytorch: how many times faster the kernel is. % floor: keys and values read once, over its time.")
-    if args.json:
-        summary = {"dtype": args.dtype, "copy_bandwidth_gbps": bandwidth / 1e9, **machine, "rows": rows}
-        args.json.write_text(json.dumps(summary, indent=1))
+    write_results(args, machine, bandwidth, rows)
 
 
 if __name__ == "__main__":

@@ -173,42 +173,63 @@ def check(name: str, y: torch.Tensor, want: torch.Tensor, base: torch.Tensor) ->
         sys.exit(f"FAILED correctness: {name}: relative error {err:.3g} > {TOLERANCE[y.dtype]}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options of the GPU benchmarks (this one and bench_attention.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the device, the bandwidth and every row here")
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    return parser.parse_args()
 
-    if args.smoke:
+
+def bench_device(smoke: bool, script: str) -> tuple[str, dict]:
+    """Where a GPU benchmark runs, and what to record about it: the GPU, or under --smoke the CPU
+    through the Triton interpreter."""
+    if smoke:
         os.environ["PLAIT_TRITON_INTERPRET"] = "1"
-        device, modules, shapes = "cpu", SMOKE_MODULES, SMOKE_SHAPES
-        machine = {"device": "cpu (Triton interpreter; timings are meaningless)"}
         print("smoke run on the CPU through the Triton interpreter: timings are meaningless")
-    elif not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU (none found); `--smoke` checks the script itself on the CPU")
-    else:
-        device, modules, shapes = "cuda", GPU_MODULES, GPU_SHAPES
-        import triton
+        return "cpu", {"device": "cpu (Triton interpreter; timings are meaningless)"}
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU (none found); `--smoke` checks the script itself on the CPU")
+    import triton
 
-        props = torch.cuda.get_device_properties(0)
-        machine = {
-            "device": props.name,
-            "memory_gib": round(props.total_memory / 2**30),
-            "sms": props.multi_processor_count,
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-        }
-        print(f"device: {props.name}, {machine['memory_gib']} GiB, {props.multi_processor_count} SMs")
-        print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
-    print(f"host: {platform.node()} ({platform.machine()}), dtype {args.dtype}, ranks mixed from {RANKS}")
+    props = torch.cuda.get_device_properties(0)
+    machine = {
+        "device": props.name,
+        "memory_gib": round(props.total_memory / 2**30),
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+    print(f"device: {props.name}, {machine['memory_gib']} GiB, {props.multi_processor_count} SMs")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
+    return "cuda", machine
 
+
+def timing(device: str) -> tuple[Callable[[Callable[[], None]], float], float]:
+    """The timer for `device` and its copy bandwidth in bytes per second, printed."""
     measure = timer(device)
     bandwidth = copy_bandwidth(device, measure)
     print(f"copy bandwidth (device to device, read + write): {bandwidth / 1e9:.0f} GB/s\n")
+    return measure, bandwidth
+
+
+def write_results(args: argparse.Namespace, machine: dict, bandwidth: float, rows: list[dict]) -> None:
+    if args.json:
+        summary = {"dtype": args.dtype, "copy_bandwidth_gbps": bandwidth / 1e9, **machine, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    dtype = getattr(torch, args.dtype)
+    device, machine = bench_device(args.smoke, "bench_kernels.py")
+    modules, shapes = (SMOKE_MODULES, SMOKE_SHAPES) if args.smoke else (GPU_MODULES, GPU_SHAPES)
+    print(f"host: {platform.node()} ({platform.machine()}), dtype {args.dtype}, ranks mixed from {RANKS}")
+
+    measure, bandwidth = timing(device)
 
     header = (
         f"{'module':<9} {'phase':<8} {'tokens':>6} {'adapters':>8} {'meta ms':>8} {'triton us':>10} "
@@ -277,9 +298,7 @@ def main() -> None:
         f"decode shapes: median {decode[len(decode) // 2]:.0f}% of the floor (goal 80%); "
         f"slowest against the loop: {worst[2]:.2f}x at {worst[0]} {worst[1]} (goal >= 1)"
     )
-    if args.json:
-        summary = {"dtype": args.dtype, "copy_bandwidth_gbps": bandwidth / 1e9, **machine, "rows": rows}
-        args.json.write_text(json.dumps(summary, indent=1))
+    write_results(args, machine, bandwidth, rows)
 
 
 if __name__ == "__main__":
