@@ -4,8 +4,8 @@
 #     bash bench/gpu_check.sh OUT_DIR           # on the GPU
 #     bash bench/gpu_check.sh OUT_DIR --smoke   # anywhere: tiny shapes on the CPU, checks the script only
 #
-# Needs Python with torch and triton. Whatever else is missing can come as wheels in .whl/,
-# installed here into /tmp/site; Plait itself is imported from this checkout, not installed.
+# Needs Python with torch and triton. Whatever else is missing can come as wheels in .whl/
+# (or the folder $WHEELS names), installed here into /tmp/site; Plait itself is imported from this checkout, not installed.
 # For the project's H200 image (torch, triton, transformers, peft, httpx, matplotlib there),
 # `../shared/gpu/fetch-wheels.sh xgrammar apache-tvm-ffi` fetches the rest (49 MB: bitsandbytes,
 # FastAPI, uvicorn, pydantic, xgrammar, ...); carry `.whl`. Not yet timed on a GPU; expect
@@ -35,8 +35,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # `plait.kernels` and friends are folders of this checkout (pyproject's package-dir): link

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_gpu_check(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    # Wheels fetched for a GPU machine's Python (.whl/) are not for this one.
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "WHEELS": str(out / "no-wheels")}
     script = ROOT / "bench" / "gpu_check.sh"
     return subprocess.run(["bash", str(script), str(out), *args], env=env, capture_output=True, text=True, timeout=900)
 
