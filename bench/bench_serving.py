@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ from pathlib import Path
 import httpx
 import openai
 import torch
+
+from plait.server.base_model import cpu_name
 
 PROMPTS = [
     "Explain how a bicycle stays upright.",
@@ -57,17 +58,9 @@ PROMPTS = [
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     isa = torch.backends.cpu.get_cpu_capability()  # AVX2 under bench/avx2_only
-    return f"{cpu}, {os.cpu_count()} cores ({isa} kernels), {gpu}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores ({isa} kernels), {gpu}, torch {torch.__version__}"
 
 
 def free_port() -> int:

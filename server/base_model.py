@@ -176,7 +176,7 @@ def fastest_dtype(device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     # The kernels torch picks (ATEN_CPU_CAPABILITY may cap them) decide as much as the CPU.
     capability = torch.backends.cpu.get_cpu_capability()
-    key = f"{_cpu_name()}|{capability}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    key = f"{cpu_name()}|{capability}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     remembered = cache_dir() / "fastest_dtype.json"
     try:
         known = json.loads(remembered.read_text())
@@ -213,7 +213,8 @@ def _matmul_seconds(dtype: torch.dtype) -> float:
     return best
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
